@@ -1,0 +1,55 @@
+"""BentoML entry point: wiring only. The logic lives in src/embedding_worker."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import bentoml
+
+from embedding_worker.config import load_settings_or_exit
+from embedding_worker.http import create_app
+from embedding_worker.operations import Core, served_with
+from embedding_worker.schemas import EmbedItem, RerankItem
+
+settings = load_settings_or_exit()
+openai_app = create_app()
+
+
+@bentoml.asgi_app(openai_app, path="/")
+@bentoml.service(
+    name="infinity-embedding-worker",
+    resources={"gpu": 1},  # only sets CUDA_VISIBLE_DEVICES; harmless on CPU-only machines
+    traffic={"timeout": settings.traffic_timeout},
+    # BentoML 1.4.31+ recycles its in-process aiohttp session under load and fails batched calls
+    # unless the connection lives for the whole process.
+    runner_connection={"max_requests": 10**9, "max_age": 1e9},
+)
+class InfinityEmbedding:
+    def __init__(self) -> None:
+        self.core = Core(settings)
+        openai_app.state.core = self.core
+
+    @bentoml.on_startup
+    async def start_engines(self) -> None:
+        await self.core.start()
+
+    @bentoml.on_shutdown
+    async def stop_engines(self) -> None:
+        await self.core.stop()
+
+    def __is_ready__(self) -> bool:
+        return self.core.ready
+
+    # Batchable methods for Bento-to-Bento callers (adaptive batching across requests). The OpenAI
+    # routes call the core directly: infinity batches across requests already.
+    @bentoml.api(batchable=True, route="/batch/embed")
+    async def embed(
+        self, items: list[Annotated[EmbedItem, served_with("embed")]]
+    ) -> list[list[float]]:
+        return await self.core.embed_items(items)
+
+    @bentoml.api(batchable=True, route="/batch/rerank")
+    async def rerank(
+        self, items: list[Annotated[RerankItem, served_with("rerank")]]
+    ) -> list[float]:
+        return await self.core.rerank_items(items)

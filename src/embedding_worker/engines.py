@@ -1,0 +1,162 @@
+"""Infinity engines: built from Settings, started in the server's event loop, looked up by name."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from .config import Settings, prepare_infinity_environment
+from .errors import BadRequest, ModelNotFound, Unavailable
+
+if TYPE_CHECKING:  # infinity is imported lazily: it reads its environment at import time
+    from infinity_emb import AsyncEmbeddingEngine, AsyncEngineArray
+
+logger = logging.getLogger("embedding_worker")
+
+CAPABILITY_WORDS = {
+    "embed": "text embeddings",
+    "image_embed": "image embeddings",
+    "audio_embed": "audio embeddings",
+    "rerank": "reranking",
+    "classify": "classification",
+}
+
+
+class Engines:
+    """The served models. Loading happens in `start`, never in `__init__` (probes must answer)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.specs = {spec.served_name: spec for spec in settings.models}
+        self._array: AsyncEngineArray | None = None
+        self.started_at = int(time.time())
+        self.state = "starting"  # starting -> ready -> stopped | failed
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def device(self) -> str:
+        """Where the models run; infinity leaves `auto` unresolved until torch picks."""
+        if self.settings.device != "auto":
+            return self.settings.device
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def _engine_args(self) -> list[Any]:
+        from infinity_emb import EngineArgs
+
+        return [
+            EngineArgs(
+                model_name_or_path=spec.source,
+                served_model_name=spec.served_name,
+                batch_size=spec.batch_size,
+                engine=self.settings.backend,
+                dtype=spec.dtype,
+                device=self.settings.device,
+                model_warmup=self.settings.model_warmup,
+                lengths_via_tokenize=True,  # usage counts real tokens
+                bettertransformer=False,  # deprecated in optimum; plain SDPA is as fast
+            )
+            for spec in self.settings.models
+        ]
+
+    def _load(self) -> AsyncEngineArray:
+        prepare_infinity_environment(self.settings)
+        from infinity_emb import AsyncEngineArray
+
+        return AsyncEngineArray.from_args(self._engine_args())
+
+    async def start(self) -> None:
+        """Load weights in a worker thread (keeps /livez answering), then start the batch loops."""
+        if self._array is not None:
+            return
+        for spec in self.settings.models:
+            if spec.bundled:
+                logger.info(
+                    "MODEL_NAMES is unset: serving the bundled %s from %s (offline)",
+                    spec.served_name,
+                    spec.source,
+                )
+        try:
+            self._array = await asyncio.to_thread(self._load)
+            await self._array.astart()
+        except BaseException:
+            self.state = "failed"
+            raise
+        for name in self.names:
+            engine = self._array[name]
+            args = engine.engine_args
+            logger.info(
+                "model %s: source=%s backend=%s dtype=%s device=%s batch_size=%d capabilities=%s",
+                name,
+                args.model_name_or_path,
+                args.engine.value,
+                args.dtype.value,
+                self.device,
+                args.batch_size,
+                ",".join(sorted(engine.capabilities)),
+            )
+        self.state = "ready"
+
+    async def stop(self) -> None:
+        if self._array is not None and self.state == "ready":
+            self.state = "stopped"
+            await self._array.astop()
+
+    def get(self, name: str) -> AsyncEmbeddingEngine:
+        if name not in self.specs:
+            raise ModelNotFound(
+                f"model {name!r} is not served here; available models: {', '.join(self.names)}",
+                param="model",
+            )
+        if not self.ready or self._array is None:
+            raise Unavailable(f"model {name!r} is still loading; retry shortly")
+        return self._array[name]
+
+    def require(self, name: str, capability: str) -> AsyncEmbeddingEngine:
+        """The engine for `name`, or a 400 naming the model and what it does support."""
+        engine = self.get(name)
+        if capability not in engine.capabilities:
+            supported = ", ".join(CAPABILITY_WORDS[c] for c in sorted(engine.capabilities))
+            raise BadRequest(
+                f"model {name!r} does not support {CAPABILITY_WORDS[capability]}; "
+                f"it supports: {supported}",
+                param="model",
+                code="capability_not_supported",
+            )
+        return engine
+
+    def capabilities(self, name: str) -> list[str]:
+        return sorted(self.get(name).capabilities)
+
+    def card(self, name: str) -> dict[str, Any]:
+        engine = self.get(name)
+        args = engine.engine_args
+        status = engine.overload_status()
+        return {
+            "id": name,
+            "object": "model",
+            "owned_by": "infinity-embedding-worker",
+            "created": self.started_at,
+            "capabilities": sorted(engine.capabilities),
+            "backend": args.engine.value,
+            "dtype": args.dtype.value,
+            "device": self.device,
+            "batch_size": args.batch_size,
+            "stats": {
+                "queue_fraction": status.queue_fraction,
+                "queue_absolute": status.queue_absolute,
+                "results_pending": status.results_absolute,
+            },
+        }

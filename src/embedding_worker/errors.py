@@ -1,0 +1,96 @@
+"""Every error a client can see, built in one place.
+
+The core raises `APIError`s; HTTP turns them into a status and the OpenAI envelope, RunPod into a
+failed job carrying `message`. Both transports therefore show the same text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+
+class APIError(Exception):
+    status: int = 500
+    type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class BadRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class NotFound(APIError):
+    status = 404
+    type = "not_found_error"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class NotImplementedModality(APIError):
+    status = 501
+    type = "not_implemented_error"
+    code = "modality_not_supported"
+
+
+class Unavailable(APIError):
+    status = 503
+    type = "service_unavailable"
+    code = "not_ready"
+
+
+class InternalError(APIError):
+    status = 500
+    type = "internal_error"
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def from_validation_error(exc: ValidationError) -> BadRequest:
+    """The first pydantic error as `field[index]: what was wrong`."""
+    first = exc.errors(include_url=False)[0]
+    where = _loc(tuple(p for p in first["loc"] if p not in ("function-after", "function-before")))
+    message = first["msg"]
+    if first["type"] == "missing":
+        message = "field required"
+    elif first["type"] in ("extra_forbidden",):
+        message = "unknown field"
+    # Our own validators already name the item (`input[3]: ...`); pydantic's messages do not.
+    text = message if message.startswith(where) or not where else f"{where}: {message}"
+    param = where.split("[")[0].split(".")[0] or None
+    return BadRequest(text, param=param)

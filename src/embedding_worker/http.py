@@ -1,0 +1,166 @@
+"""The OpenAI-compatible HTTP surface: parse, call the core, serialise. No logic of its own.
+
+Mounted into the BentoML service with `@bentoml.asgi_app`; the service puts its `Core` on
+`app.state.core`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .encoding import dumps
+from .errors import APIError, BadRequest, InternalError, NotFound, Unavailable
+from .operations import Core
+from .schemas import (
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+    ModelList,
+    RerankRequest,
+    RerankResponse,
+)
+
+logger = logging.getLogger("embedding_worker")
+
+JSON = "application/json"
+
+
+def error_response(error: APIError) -> Response:
+    return Response(dumps(error.envelope()), status_code=error.status, media_type=JSON)
+
+
+def _core(request: Request) -> Core:
+    core: Core | None = getattr(request.app.state, "core", None)
+    if core is None:
+        raise Unavailable("the service is starting; retry shortly")
+    return core
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    if not raw:
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def _body_doc(model: type) -> dict[str, Any]:
+    """OpenAPI request body for routes that read the raw body themselves."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }
+
+
+_ERRORS = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "invalid request",
+        404: "unknown model",
+        413: "too many items",
+        501: "modality not implemented",
+        503: "not ready",
+    }.items()
+}
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="infinity-embedding-worker",
+        summary="OpenAI-compatible embeddings and reranking over Infinity engines",
+        docs_url=None,  # BentoML serves /docs for the whole service
+        redoc_url=None,
+        openapi_url="/v1/openapi.json",
+    )
+    app.state.core = None
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return error_response(NotFound(f"no route {request.method} {request.url.path}"))
+        if exc.status_code == 405:
+            error = APIError(f"method {request.method} is not allowed on {request.url.path}")
+            error.status, error.type = 405, "invalid_request_error"
+            return error_response(error)
+        error = APIError(str(exc.detail))
+        error.status = exc.status_code
+        return error_response(error)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(InternalError(f"internal error: {type(exc).__name__}"))
+
+    def post(paths: list[str], model: type, response_model: type,
+             operation: Callable[[Core, Any], Awaitable[dict[str, Any]]]) -> None:
+        async def endpoint(request: Request) -> Response:
+            core = _core(request)
+            return Response(dumps(await operation(core, await _json_body(request))), media_type=JSON)
+
+        for i, path in enumerate(paths):
+            app.add_api_route(
+                path,
+                endpoint,
+                methods=["POST"],
+                response_model=response_model,
+                responses=_ERRORS,
+                openapi_extra=_body_doc(model),
+                include_in_schema=i == 0,
+                name=f"{path}",
+            )
+
+    post(["/v1/embeddings", "/embeddings"], EmbeddingRequest, EmbeddingResponse, Core.embed)
+    post(["/v1/rerank", "/rerank", "/v2/rerank"], RerankRequest, RerankResponse, Core.rerank)
+
+    async def models(request: Request) -> Response:
+        return Response(dumps(_core(request).list_models()), media_type=JSON)
+
+    for i, path in enumerate(["/v1/models", "/models"]):
+        app.add_api_route(path, models, methods=["GET"], response_model=ModelList,
+                          responses=_ERRORS, include_in_schema=i == 0)
+
+    async def unknown_route(request: Request) -> Response:
+        # Last route of the mounted app: BentoML's own routes match first, everything else
+        # gets the envelope (405 where the path exists with another method).
+        scope = {**request.scope, "method": "*"}
+        if any(r.matches(scope)[0].value and r.path != "/{path:path}" for r in app.routes):  # type: ignore[attr-defined]
+            raise StarletteHTTPException(405)
+        raise StarletteHTTPException(404)
+
+    app.add_api_route("/{path:path}", unknown_route, include_in_schema=False,
+                      methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
+    _register_schemas(app, [EmbeddingRequest, RerankRequest])
+    return app
+
+
+def _register_schemas(app: FastAPI, models: list[type]) -> None:
+    """Put the request models into the OpenAPI components referenced by `_body_doc`."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in models:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,190 @@
+"""The transport-free core: list_models, embed, rerank.
+
+Takes parsed JSON bodies, returns response dicts (embeddings as numpy rows, see `encoding.dumps`),
+raises `errors.APIError`. Knows nothing about HTTP or RunPod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+from pydantic import AfterValidator, BaseModel, ValidationError
+
+from .config import Settings
+from .encoding import as_matrix, encode_rows, truncate
+from .engines import Engines
+from .errors import APIError, BadRequest, NotImplementedModality, PayloadTooLarge, from_validation_error
+from .schemas import EmbeddingRequest, EmbedItem, RerankItem, RerankRequest
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], body: Any) -> M:
+    if not isinstance(body, dict):
+        raise BadRequest(
+            f"request body must be a JSON object, got {'null' if body is None else type(body).__name__}"
+        )
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def _usage(tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": int(tokens), "total_tokens": int(tokens)}
+
+
+class Core:
+    # The started core of this process, for validators BentoML runs before batching.
+    current: ClassVar[Core | None] = None
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engines = Engines(settings)
+        self._dims: dict[str, int] = {}  # learnt from the first embedding of each model
+
+    async def start(self) -> None:
+        await self.engines.start()
+        Core.current = self
+
+    async def stop(self) -> None:
+        await self.engines.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self.engines.ready
+
+    # --- models ---
+
+    def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.engines.card(name) for name in self.engines.names]}
+
+    # --- embeddings ---
+
+    async def embed(self, body: Any) -> dict[str, Any]:
+        request = parse(EmbeddingRequest, body)
+        limit = self.settings.max_input_items
+        if len(request.input) > limit:
+            raise PayloadTooLarge(
+                f"input: {len(request.input)} items, at most {limit} per request (MAX_INPUT_ITEMS)",
+                param="input",
+            )
+        if request.modality == "audio":
+            raise NotImplementedModality(
+                "modality 'audio' is not supported yet; use 'text' or 'image'", param="modality"
+            )
+        if request.modality == "image":
+            self.engines.require(request.model, "image_embed")
+            raise NotImplementedModality(
+                "modality 'image' is not available in this build", param="modality"
+            )
+        engine = self.engines.require(request.model, "embed")
+        self._check_dimensions(request.model, request.dimensions)
+        embeddings, tokens = await engine.embed(sentences=request.input)
+        matrix = as_matrix(embeddings)
+        self._dims.setdefault(request.model, matrix.shape[1])
+        self._check_dimensions(request.model, request.dimensions)
+        rows = encode_rows(truncate(matrix, request.dimensions), request.encoding_format)
+        return {
+            "object": "list",
+            "model": request.model,
+            "data": [{"object": "embedding", "embedding": row, "index": i} for i, row in enumerate(rows)],
+            "usage": _usage(tokens),
+        }
+
+    def _check_dimensions(self, model: str, dimensions: int | None) -> None:
+        full = self._dims.get(model)
+        if dimensions is not None and full is not None and dimensions > full:
+            raise BadRequest(
+                f"dimensions: {dimensions} is out of range; model {model!r} produces {full} "
+                f"dimensions, so use 1..{full}",
+                param="dimensions",
+            )
+
+    # --- rerank ---
+
+    async def rerank(self, body: Any) -> dict[str, Any]:
+        request = parse(RerankRequest, body)
+        limit = self.settings.max_rerank_documents
+        if len(request.documents) > limit:
+            raise PayloadTooLarge(
+                f"documents: {len(request.documents)} items, at most {limit} per request "
+                f"(MAX_RERANK_DOCUMENTS)",
+                param="documents",
+            )
+        engine = self.engines.require(request.model, "rerank")
+        ranked, tokens = await engine.rerank(
+            query=request.query,
+            docs=request.documents,
+            raw_scores=request.raw_scores,
+            top_n=request.top_n,
+        )
+        results = []
+        for r in ranked:
+            result: dict[str, Any] = {"index": r.index, "relevance_score": float(r.relevance_score)}
+            if request.return_documents:
+                result["document"] = {"text": r.document}
+            results.append(result)
+        return {
+            "object": "rerank",
+            "id": f"rerank-{uuid.uuid4().hex}",
+            "model": request.model,
+            "results": results,
+            "usage": _usage(tokens),
+        }
+
+    # --- batchable entry points (BentoML adaptive batching across callers) ---
+
+    async def embed_items(self, items: Sequence[EmbedItem]) -> list[list[float]]:
+        """Embeddings for items that may name different models; order preserved."""
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            groups[item.model].append(i)
+        out: list[Any] = [None] * len(items)
+
+        async def run(model: str, positions: list[int]) -> None:
+            engine = self.engines.require(model, "embed")
+            vectors, _ = await engine.embed(sentences=[items[i].text for i in positions])
+            for i, vector in zip(positions, vectors):
+                out[i] = np.asarray(vector, dtype=np.float32).tolist()
+
+        await asyncio.gather(*(run(m, p) for m, p in groups.items()))
+        return out
+
+    async def rerank_items(self, items: Sequence[RerankItem]) -> list[float]:
+        """Relevance score (sigmoid) per (query, document) pair; pairs may differ in query/model."""
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            groups[(item.model, item.query)].append(i)
+        out: list[float] = [0.0] * len(items)
+
+        async def run(key: tuple[str, str], positions: list[int]) -> None:
+            engine = self.engines.require(key[0], "rerank")
+            ranked, _ = await engine.rerank(query=key[1], docs=[items[i].document for i in positions])
+            for r in ranked:
+                out[positions[r.index]] = float(r.relevance_score)
+
+        await asyncio.gather(*(run(k, p) for k, p in groups.items()))
+        return out
+
+
+def served_with(capability: str) -> AfterValidator:
+    """Per-request check of a batch item's model, run by BentoML before the item joins a batch:
+    one caller's bad model must not fail the other callers' items batched with it."""
+
+    def check(item: Any) -> Any:
+        core = Core.current
+        if core is None:
+            raise ValueError("the service is starting; retry shortly")
+        try:
+            core.engines.require(item.model, capability)
+        except APIError as exc:
+            raise ValueError(exc.message) from None
+        return item
+
+    return AfterValidator(check)

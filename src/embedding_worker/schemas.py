@@ -1,0 +1,195 @@
+"""Request and response models, declared once for every transport.
+
+Requests are validated here (shape, types, per-item checks with the item's index in the message).
+Checks that need the running engines (model exists, has the capability, `dimensions` fits) live in
+`operations`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+Modality = Literal["text", "image", "audio"]
+MODALITIES = ("text", "image", "audio")
+
+TOKEN_IDS_REFUSED = (
+    "token-id arrays are not supported; send the text itself "
+    "(LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False))"
+)
+
+
+def _invalid(message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_input", message)
+
+
+def _is_token_ids(value: Any) -> bool:
+    if not isinstance(value, list) or not value:
+        return False
+    first = value[0]
+    return (isinstance(first, int) and not isinstance(first, bool)) or (
+        isinstance(first, list) and bool(first) and isinstance(first[0], int)
+    )
+
+
+def check_texts(value: Any, field: str) -> list[str]:
+    """A string or a non-empty list of non-empty strings, as a list; errors name the item."""
+    if isinstance(value, str):
+        value = [value]
+    elif not isinstance(value, list):
+        raise _invalid(f"{field}: expected a string or a list of strings, got {type(value).__name__}")
+    if not value:
+        raise _invalid(f"{field}: must not be empty")
+    if _is_token_ids(value):
+        raise _invalid(f"{field}: {TOKEN_IDS_REFUSED}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _invalid(f"{field}[{i}]: expected a string, got {_type_name(item)}")
+        if not item.strip():
+            raise _invalid(f"{field}[{i}]: empty string")
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+class _Request(BaseModel):
+    # Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`, extras).
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), populate_by_name=True)
+
+    model: str = Field(min_length=1)
+
+
+class EmbeddingRequest(_Request):
+    input: str | list[str]  # always a list after validation; the union documents what is accepted
+    modality: str = "text"
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, value: Any) -> list[str]:
+        return check_texts(value, "input")
+
+    @field_validator("modality", mode="before")
+    @classmethod
+    def _modality(cls, value: Any) -> str:
+        if value is None:
+            return "text"
+        if not isinstance(value, str) or value.lower() not in MODALITIES:
+            raise _invalid(f"modality: {value!r} is not supported; expected one of {', '.join(MODALITIES)}")
+        return value.lower()
+
+
+class RerankRequest(_Request):
+    query: str = Field(min_length=1)
+    documents: list[str] = Field(validation_alias=AliasChoices("documents", "docs"))
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = Field(
+        False, validation_alias=AliasChoices("return_documents", "return_docs")
+    )
+    raw_scores: bool = False
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: str) -> str:
+        if not value.strip():
+            raise _invalid("query: empty string")
+        return value
+
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _documents(cls, value: Any) -> list[str]:
+        if isinstance(value, str):
+            raise _invalid("documents: expected a list of strings, got a single string")
+        return check_texts(value, "documents")
+
+
+# --- items for the BentoML batchable methods (Bento-to-Bento callers) ---
+
+
+class EmbedItem(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str = Field(min_length=1)
+    text: str = Field(min_length=1)
+
+
+class RerankItem(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str = Field(min_length=1)
+    query: str = Field(min_length=1)
+    document: str = Field(min_length=1)
+
+
+# --- responses (documented shapes; built as plain dicts on the hot path, see operations) ---
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+    index: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[EmbeddingData]
+    usage: Usage
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankResponse(BaseModel):
+    object: Literal["rerank"] = "rerank"
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str
+    created: int
+    capabilities: list[str]
+    backend: str
+    dtype: str
+    device: str
+    batch_size: int
+    stats: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
