@@ -8,10 +8,12 @@ import bentoml
 
 from embedding_worker.config import load_settings_or_exit
 from embedding_worker.http import create_app
+from embedding_worker.logs import configure_logging
 from embedding_worker.operations import Core, served_with
 from embedding_worker.schemas import EmbedItem, RerankItem
 
 settings = load_settings_or_exit()
+configure_logging(settings)
 openai_app = create_app()
 
 

@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     max_rerank_documents: int = Field(2048, ge=1)
     # --- server ---
     traffic_timeout: float = Field(300.0, gt=0)
+    log_level: str = "INFO"
 
     @field_validator("backend")
     @classmethod
@@ -87,6 +88,14 @@ class Settings(BaseSettings):
         value = value.strip().lower()
         if value not in BACKENDS:
             raise ValueError(f"expected one of {', '.join(BACKENDS)}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        value = value.strip().upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("expected one of DEBUG, INFO, WARNING, ERROR")
         return value
 
     @field_validator("device")
@@ -108,6 +117,12 @@ class Settings(BaseSettings):
             raise ConfigError(
                 f"MODEL_NAMES={self.model_names!r}: empty entry; expected model ids separated by ';'"
             )
+        for source in sources:
+            if source.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(source)):
+                raise ConfigError(
+                    f"MODEL_NAMES={self.model_names!r}: {source!r} is not a directory; expected a "
+                    f"Hugging Face model id or the path of a saved model"
+                )
         n = len(sources)
 
         def per_model(var: str, raw: str, default: list[str]) -> list[str]:

@@ -33,6 +33,7 @@ class Engines:
         self._array: AsyncEngineArray | None = None
         self.started_at = int(time.time())
         self.state = "starting"  # starting -> ready -> stopped | failed
+        self.failure = ""
 
     @property
     def ready(self) -> bool:
@@ -91,9 +92,12 @@ class Engines:
         try:
             self._array = await asyncio.to_thread(self._load)
             await self._array.astart()
-        except BaseException:
+        except Exception as exc:
+            # Stay up and unready (503 with the reason) rather than crash-looping the worker.
             self.state = "failed"
-            raise
+            self.failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            logger.error("model loading failed, the service stays unready: %s", self.failure)
+            return
         for name in self.names:
             engine = self._array[name]
             args = engine.engine_args
@@ -120,8 +124,10 @@ class Engines:
                 f"model {name!r} is not served here; available models: {', '.join(self.names)}",
                 param="model",
             )
+        if self.state == "failed":
+            raise Unavailable(f"models failed to load: {self.failure}", code="load_failed")
         if not self.ready or self._array is None:
-            raise Unavailable(f"model {name!r} is still loading; retry shortly")
+            raise Unavailable(f"model {name!r} is {self.state}; retry shortly")
         return self._array[name]
 
     def require(self, name: str, capability: str) -> AsyncEmbeddingEngine:

@@ -91,6 +91,6 @@ def from_validation_error(exc: ValidationError) -> BadRequest:
     elif first["type"] in ("extra_forbidden",):
         message = "unknown field"
     # Our own validators already name the item (`input[3]: ...`); pydantic's messages do not.
-    text = message if message.startswith(where) or not where else f"{where}: {message}"
+    text = message if first["type"] == "invalid_input" or not where else f"{where}: {message}"
     param = where.split("[")[0].split(".")[0] or None
     return BadRequest(text, param=param)

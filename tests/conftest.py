@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # service.py lives at the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from embedding_worker.config import BUNDLED_MODEL_ID, bundled_model_path  # noqa: E402
+from models import make_tiny_embedder, make_tiny_reranker  # noqa: E402
+
+MINILM = BUNDLED_MODEL_ID
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "embed": make_tiny_embedder(root / "tiny-embed"),
+        "rerank": make_tiny_reranker(root / "tiny-rerank"),
+    }
+
+
+@pytest.fixture(scope="session")
+def served_env(tiny_models) -> dict[str, str]:
+    """The in-process service: the bundled MiniLM plus the tiny generated models."""
+    return {
+        "MODEL_NAMES": f"{bundled_model_path()};{tiny_models['embed']};{tiny_models['rerank']}",
+        "SERVED_MODEL_NAMES": f"{MINILM};tiny-embed;tiny-rerank",
+        "BATCH_SIZES": "16",
+        "MAX_INPUT_ITEMS": "100",
+        "MAX_RERANK_DOCUMENTS": "50",
+    }
+
+
+@pytest.fixture(scope="session")
+def client(served_env):
+    """The real BentoML app in-process (lifecycle hooks included). Built once per process:
+    a second `to_asgi()` re-registers BentoML's Prometheus metrics."""
+    from starlette.testclient import TestClient
+
+    os.environ.update(served_env)
+    import service
+
+    with TestClient(service.InfinityEmbedding.to_asgi()) as c:
+        deadline = time.monotonic() + 120
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "engines did not start"
+            time.sleep(0.2)
+        yield c
