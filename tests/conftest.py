@@ -48,8 +48,13 @@ def client(served_env):
     a second `to_asgi()` re-registers BentoML's Prometheus metrics."""
     from starlette.testclient import TestClient
 
+    saved = dict(os.environ)
     os.environ.update(served_env)
-    import service
+    try:
+        import service  # reads the settings at import
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
     with TestClient(service.InfinityEmbedding.to_asgi()) as c:
         deadline = time.monotonic() + 120

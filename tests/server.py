@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from embedding_worker.config import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -20,6 +22,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any of the service's settings, plus `extra`."""
+    ours = {name.upper() for name in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in ours}
+    env.update({"BENTOML_DO_NOT_TRACK": "true", **extra})
+    return env
+
+
 class BentoServer:
     """Starts `bentoml serve` from the repo root with the given environment; logs to a file."""
 
@@ -27,11 +37,10 @@ class BentoServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.env = {k: v for k, v in os.environ.items() if k not in unset}
-        self.env.update({"BENTOML_DO_NOT_TRACK": "true", **env})
+        self.env = {k: v for k, v in clean_env(**env).items() if k not in unset}
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180) -> "BentoServer":
+    def launch(self) -> "BentoServer":
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "service:InfinityEmbedding",
@@ -39,6 +48,11 @@ class BentoServer:
             cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        return self
+
+    def start(self, timeout: float = 180) -> "BentoServer":
+        """Launch and wait until /readyz answers 200."""
+        self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
