@@ -16,7 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from embedding_worker.config import BUNDLED_MODEL_ID, bundled_model_path  # noqa: E402
-from models import make_tiny_embedder, make_tiny_reranker  # noqa: E402
+from imagehost import ImageHost  # noqa: E402
+from models import make_tiny_clip, make_tiny_embedder, make_tiny_reranker  # noqa: E402
 
 MINILM = BUNDLED_MODEL_ID
 
@@ -27,18 +28,29 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {
         "embed": make_tiny_embedder(root / "tiny-embed"),
         "rerank": make_tiny_reranker(root / "tiny-rerank"),
+        "clip": make_tiny_clip(root / "tiny-clip"),
     }
+
+
+@pytest.fixture(scope="session")
+def image_host():
+    with ImageHost() as host:
+        yield host
 
 
 @pytest.fixture(scope="session")
 def served_env(tiny_models) -> dict[str, str]:
     """The in-process service: the bundled MiniLM plus the tiny generated models."""
     return {
-        "MODEL_NAMES": f"{bundled_model_path()};{tiny_models['embed']};{tiny_models['rerank']}",
-        "SERVED_MODEL_NAMES": f"{MINILM};tiny-embed;tiny-rerank",
+        "MODEL_NAMES": f"{bundled_model_path()};{tiny_models['embed']};{tiny_models['rerank']};{tiny_models['clip']}",
+        "SERVED_MODEL_NAMES": f"{MINILM};tiny-embed;tiny-rerank;tiny-clip",
         "BATCH_SIZES": "16",
         "MAX_INPUT_ITEMS": "100",
         "MAX_RERANK_DOCUMENTS": "50",
+        # private addresses stay refused, except the image host's own 127.0.0.2
+        "IMAGE_FETCH_ALLOWED_NETWORKS": "127.0.0.2/32",
+        "HTTP_CLIENT_TIMEOUT": "2",
+        "MAX_IMAGES_PER_REQUEST": "8",
     }
 
 

@@ -54,3 +54,35 @@ def make_tiny_reranker(path: Path) -> Path:
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(path)
     return path
+
+
+def make_tiny_clip(path: Path) -> Path:
+    """A CLIP model (text + vision towers) with a BPE tokenizer trained on a few sentences."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
+                              CLIPTokenizer, CLIPTokenizerFast)
+
+    corpus = ["a photo of a cat", "a photo of a dog", "a red square", "a blue circle",
+              "the quick brown fox jumps over the lazy dog", "hello world"] * 20
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        end_of_word_suffix="</w>", initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'")))
+    vocab_dir = path / "bpe"
+    vocab_dir.mkdir(parents=True)
+    bpe.model.save(str(vocab_dir))
+    CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt")).save_pretrained(vocab_dir)
+    tokenizer = CLIPTokenizerFast.from_pretrained(vocab_dir)
+
+    torch.manual_seed(2)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(path)
+    return path

@@ -152,3 +152,28 @@ def test_unloadable_model_stays_unready_with_the_reason(tmp_path):
         assert r.json()["error"]["message"].startswith("models failed to load: ")
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def clip_server(tmp_path_factory, tiny_models):
+    srv = BentoServer({"MODEL_NAMES": str(tiny_models["clip"]), "SERVED_MODEL_NAMES": "tiny-clip",
+                       "IMAGE_FETCH_ALLOW_PRIVATE": "true"},
+                      tmp_path_factory.mktemp("clip") / "server.log")
+    yield srv.start()
+    srv.stop()
+
+
+def test_openai_client_image_modality_with_private_opt_in(clip_server, image_host):
+    client = openai.OpenAI(base_url=f"{clip_server.url}/v1", api_key="unused", max_retries=0)
+    urls = [image_host.url("/red.png", host="127.0.0.1"), image_host.url("/blue.gif", host="localhost")]
+    result = client.embeddings.create(model="tiny-clip", input=urls, extra_body={"modality": "image"})
+    got = np.array([d.embedding for d in result.data])
+    assert got.shape == (2, 16)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model="tiny-clip", input=[urls[0], image_host.url("/missing", host="127.0.0.1")],
+                                 extra_body={"modality": "image"})
+    assert "input[1]: HTTP 404 from 127.0.0.1" in str(info.value)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.embeddings.create(model="tiny-clip", input="x", extra_body={"modality": "audio"})
+    assert info.value.status_code == 501 and "modality 'audio' is not supported yet" in str(info.value)

@@ -126,7 +126,8 @@ def test_models_list(client):
     payload = client.get("/v1/models").json()
     assert payload["object"] == "list"
     cards = {m["id"]: m for m in payload["data"]}
-    assert list(cards) == [MINILM, "tiny-embed", "tiny-rerank"]
+    assert list(cards) == [MINILM, "tiny-embed", "tiny-rerank", "tiny-clip"]
+    assert cards["tiny-clip"]["capabilities"] == ["embed", "image_embed"]
     assert cards[MINILM]["capabilities"] == ["embed"]
     assert cards["tiny-rerank"]["capabilities"] == ["rerank"]
     for card in cards.values():

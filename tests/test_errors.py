@@ -16,7 +16,7 @@ def envelope(response, status):
 
 
 EMBEDDING_CASES = [
-    ({"model": "nope", "input": "a"}, 404, f"model 'nope' is not served here; available models: {MINILM}, tiny-embed, tiny-rerank"),
+    ({"model": "nope", "input": "a"}, 404, f"model 'nope' is not served here; available models: {MINILM}, tiny-embed, tiny-rerank, tiny-clip"),
     ({"model": "tiny-rerank", "input": "a"}, 400, "model 'tiny-rerank' does not support text embeddings; it supports: reranking"),
     ({"input": "a"}, 400, "model: field required"),
     ({"model": MINILM}, 400, "input: field required"),

@@ -6,6 +6,7 @@ variable, the value and what was expected (see `load_settings_or_exit`).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from dataclasses import dataclass
@@ -78,6 +79,20 @@ class Settings(BaseSettings):
     # --- request limits ---
     max_input_items: int = Field(2048, ge=1)
     max_rerank_documents: int = Field(2048, ge=1)
+    # --- image inputs (modality=image) ---
+    http_client_user_agent: str = (
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+        "(KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"
+    )
+    http_client_timeout: float = Field(10.0, gt=0)
+    http_client_max_connections: int = Field(50, ge=1)
+    http_client_max_keepalive_connections: int = Field(20, ge=0)
+    image_max_bytes: int = Field(20_000_000, ge=1)
+    image_max_pixels: int = Field(50_000_000, ge=1)
+    max_images_per_request: int = Field(64, ge=1)
+    image_max_redirects: int = Field(3, ge=0)
+    image_fetch_allow_private: bool = False
+    image_fetch_allowed_networks: str = ""
     # --- server ---
     traffic_timeout: float = Field(300.0, gt=0)
     log_level: str = "INFO"
@@ -105,6 +120,23 @@ class Settings(BaseSettings):
         if value not in DEVICES:
             raise ValueError(f"expected one of {', '.join(DEVICES)}")
         return value
+
+    @field_validator("image_fetch_allowed_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for part in _split(value.replace(",", ";")):
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(f"{part!r} is not an IP network; expected CIDRs like 10.0.0.0/8") from None
+        return value
+
+    @cached_property
+    def allowed_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(
+            ipaddress.ip_network(p, strict=False)
+            for p in _split(self.image_fetch_allowed_networks.replace(",", ";"))
+        )
 
     @cached_property
     def models(self) -> tuple[ModelSpec, ...]:

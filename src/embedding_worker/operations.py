@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ValidationError
 from .config import Settings
 from .encoding import as_matrix, encode_rows, truncate
 from .engines import Engines
+from .inputs import ImageFetcher
 from .errors import APIError, BadRequest, NotImplementedModality, PayloadTooLarge, from_validation_error
 from .schemas import EmbeddingRequest, EmbedItem, RerankItem, RerankRequest
 
@@ -46,14 +47,17 @@ class Core:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.engines = Engines(settings)
+        self.images = ImageFetcher(settings)
         self._dims: dict[str, int] = {}  # learnt from the first embedding of each model
 
     async def start(self) -> None:
+        await self.images.start()
         await self.engines.start()
         Core.current = self
 
     async def stop(self) -> None:
         await self.engines.stop()
+        await self.images.stop()
 
     @property
     def ready(self) -> bool:
@@ -79,13 +83,15 @@ class Core:
                 "modality 'audio' is not supported yet; use 'text' or 'image'", param="modality"
             )
         if request.modality == "image":
-            self.engines.require(request.model, "image_embed")
-            raise NotImplementedModality(
-                "modality 'image' is not available in this build", param="modality"
-            )
-        engine = self.engines.require(request.model, "embed")
-        self._check_dimensions(request.model, request.dimensions)
-        embeddings, tokens = await engine.embed(sentences=request.input)
+            engine = self.engines.require(request.model, "image_embed")
+            self._check_dimensions(request.model, request.dimensions)
+            # every image is fetched and decoded before any reaches the engine
+            images = await self.images.load_all(request.input)
+            embeddings, tokens = await engine.image_embed(images=images)
+        else:
+            engine = self.engines.require(request.model, "embed")
+            self._check_dimensions(request.model, request.dimensions)
+            embeddings, tokens = await engine.embed(sentences=request.input)
         matrix = as_matrix(embeddings)
         self._dims.setdefault(request.model, matrix.shape[1])
         self._check_dimensions(request.model, request.dimensions)

@@ -1,0 +1,284 @@
+"""Image inputs: http(s) URLs, data URIs and bare base64, turned into RGB images safely.
+
+A public deployment must not become a proxy into its own network, nor be knocked over by one big
+or crafted image. So, by default: only http/https; every address a host resolves to must be public,
+and the connection goes to the vetted address (no second DNS lookup to rebind); redirects are
+followed by hand and each hop is vetted; bodies are streamed under a byte cap; the pixel count is
+read from the header before anything is decoded; the whole fetch has one deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import ipaddress
+import re
+import socket
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httpx
+
+from .errors import BadRequest, PayloadTooLarge
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from .config import Settings
+
+_DATA_URI = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
+_BASE64 = re.compile(r"^[A-Za-z0-9+/=\r\n_-]+$")
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_REDIRECTS = {301, 302, 303, 307, 308}
+
+
+class ImageError(Exception):
+    """Why one item is not a usable image; the caller adds the item's index."""
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    max_bytes: int
+    max_pixels: int
+    max_images: int
+    max_redirects: int
+    timeout: float
+    allow_private: bool
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImagePolicy:
+        return cls(
+            max_bytes=settings.image_max_bytes,
+            max_pixels=settings.image_max_pixels,
+            max_images=settings.max_images_per_request,
+            max_redirects=settings.image_max_redirects,
+            timeout=settings.http_client_timeout,
+            allow_private=settings.image_fetch_allow_private,
+            allowed_networks=settings.allowed_networks,
+        )
+
+
+def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if isinstance(ip, ipaddress.IPv4Address):
+        return None
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if ip.sixtofour:
+        return ip.sixtofour
+    if ip.teredo:
+        return ip.teredo[1]
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, policy: ImagePolicy) -> bool:
+    """Public unicast only, unless private fetching is enabled or the address is allow-listed."""
+    if policy.allow_private or any(ip in net for net in policy.allowed_networks):
+        return True
+    inner = _embedded_ipv4(ip)
+    if inner is not None and not address_allowed(inner, policy):
+        return False
+    return ip.is_global and not ip.is_multicast and not ip.is_reserved
+
+
+async def vet_host(host: str, port: int, policy: ImagePolicy) -> list[str]:
+    """Resolve `host`; every address must be allowed. Returns the addresses to connect to."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise ImageError(f"cannot resolve host {host!r}") from None
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    for ip in addresses:
+        if not address_allowed(ip, policy):
+            raise ImageError(
+                f"address not allowed: {host!r} resolves to {ip}, which is not a public address"
+            )
+    return list(dict.fromkeys(str(ip) for ip in addresses))
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image:
+    """Bytes to an RGB image; the size is checked from the header before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels), over the "
+                    f"limit of {max_pixels / 1e6:g} megapixels (IMAGE_MAX_PIXELS)"
+                )
+            image.load()
+            return image.convert("RGB")
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL refuses sizes far past its own limit already at open(), before we see the size
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f" ({int(found[1]) / 1e6:.1f} megapixels)" if found else ""
+        raise ImageError(
+            f"image is too large{size}, over the limit of {max_pixels / 1e6:g} megapixels "
+            f"(IMAGE_MAX_PIXELS)"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageError("not a decodable image") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"not a decodable image ({exc})") from None
+
+
+def _b64decode(text: str, max_bytes: int, what: str) -> bytes:
+    compact = re.sub(r"[\r\n]", "", text)  # MIME-style line breaks are fine; spaces are not
+    if len(compact) * 3 // 4 > max_bytes:
+        raise ImageError(f"{what} is larger than {max_bytes} bytes (IMAGE_MAX_BYTES)")
+    try:
+        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError(f"{what} is not valid base64") from None
+
+
+def parse_data_uri(uri: str, max_bytes: int) -> bytes:
+    match = _DATA_URI.match(uri)
+    if not match:
+        raise ImageError("malformed data URI; expected data:image/<type>;base64,<data>")
+    mime = match["mime"].strip().lower()
+    if mime and not mime.startswith("image/"):
+        raise ImageError(f"data URI has media type {mime!r}; expected image/*")
+    if "base64" not in [p.strip().lower() for p in match["params"].split(";")]:
+        raise ImageError("only base64 data URIs are supported (data:image/<type>;base64,...)")
+    return _b64decode(match["data"], max_bytes, "data URI")
+
+
+class ImageFetcher:
+    """Loads the image items of a request. One shared httpx client, opened at start-up."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.policy = ImagePolicy.from_settings(settings)
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        if self._client is None:
+            s = self.settings
+            self._client = httpx.AsyncClient(
+                headers={"User-Agent": s.http_client_user_agent, "Accept": "image/*,*/*;q=0.8"},
+                timeout=httpx.Timeout(s.http_client_timeout),
+                limits=httpx.Limits(
+                    max_connections=s.http_client_max_connections,
+                    max_keepalive_connections=s.http_client_max_keepalive_connections,
+                ),
+                follow_redirects=False,  # each hop is vetted in `_fetch`
+                trust_env=False,  # no proxy from the environment: it would bypass the vetting
+            )
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def load_all(self, items: list[str]) -> list[Image]:
+        """Every item or none: the first bad item (lowest index) fails the request with a 400."""
+        if len(items) > self.policy.max_images:
+            raise PayloadTooLarge(
+                f"input: {len(items)} images, at most {self.policy.max_images} per request "
+                f"(MAX_IMAGES_PER_REQUEST)",
+                param="input",
+            )
+        results = await asyncio.gather(*(self._load(item) for item in items), return_exceptions=True)
+        for index, result in enumerate(results):
+            if isinstance(result, ImageError):
+                raise BadRequest(f"input[{index}]: {result}", param="input", code="invalid_image")
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]
+
+    async def _load(self, item: str) -> Image:
+        item = item.strip()
+        if item.startswith("data:"):
+            data = parse_data_uri(item, self.policy.max_bytes)
+        elif item.lower().startswith(("http://", "https://")):
+            try:
+                async with asyncio.timeout(self.policy.timeout):
+                    data = await self._fetch(item)
+            except TimeoutError:
+                raise ImageError(
+                    f"fetching timed out after {self.policy.timeout:g} s (HTTP_CLIENT_TIMEOUT)"
+                ) from None
+        elif _SCHEME.match(item) and "://" in item:
+            raise ImageError(
+                f"unsupported URL scheme {item.split(':', 1)[0]!r}; use http, https, a data URI or base64"
+            )
+        elif _BASE64.match(item):
+            data = _b64decode(item, self.policy.max_bytes, "base64 image")
+        else:
+            raise ImageError("not an http(s) URL, a data URI or base64-encoded image data")
+        return await asyncio.to_thread(decode_image, data, self.policy.max_pixels)
+
+    async def _fetch(self, url: str) -> bytes:
+        for _ in range(self.policy.max_redirects + 1):
+            try:
+                target = httpx.URL(url)
+            except httpx.InvalidURL as exc:
+                raise ImageError(f"invalid URL ({exc})") from None
+            if target.scheme not in ("http", "https"):
+                raise ImageError(f"unsupported URL scheme {target.scheme!r} (redirect target)")
+            if not target.host:
+                raise ImageError("URL has no host")
+            port = target.port or (443 if target.scheme == "https" else 80)
+            addresses = await vet_host(target.host, port, self.policy)
+            response = await self._connect(target, addresses)
+            try:
+                if response.status_code in _REDIRECTS and "location" in response.headers:
+                    url = str(target.join(response.headers["location"]))
+                    continue
+                return await self._read(response, target.host)
+            finally:
+                await response.aclose()
+        raise ImageError(f"more than {self.policy.max_redirects} redirects (IMAGE_MAX_REDIRECTS)")
+
+    async def _connect(self, target: httpx.URL, addresses: list[str]) -> httpx.Response:
+        """Send to the vetted addresses only (no second DNS lookup), trying each on connect errors."""
+        assert self._client is not None
+        error: Exception | None = None
+        for address in addresses:
+            request = self._client.build_request(
+                "GET",
+                target.copy_with(host=address),
+                headers={"Host": target.netloc.decode("ascii")},
+                extensions={"sni_hostname": target.host} if target.scheme == "https" else {},
+            )
+            try:
+                return await self._client.send(request, stream=True)
+            except httpx.ConnectError as exc:
+                error = exc
+            except httpx.HTTPError as exc:
+                error = exc
+                break
+        raise ImageError(f"could not fetch from {target.host}: {type(error).__name__}")
+
+    async def _read(self, response: httpx.Response, host: str) -> bytes:
+        if not response.is_success:
+            raise ImageError(f"HTTP {response.status_code} from {host}")
+        content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type.startswith("text/"):
+            raise ImageError(f"not an image: {host} sent content-type {content_type}")
+        limit = self.policy.max_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ImageError(f"larger than {limit} bytes (IMAGE_MAX_BYTES)")
+        body = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    raise ImageError(f"larger than {limit} bytes (IMAGE_MAX_BYTES)")
+        except httpx.HTTPError as exc:
+            raise ImageError(f"could not fetch from {host}: {type(exc).__name__}") from None
+        return bytes(body)
