@@ -96,6 +96,22 @@ class Settings(BaseSettings):
     # --- server ---
     traffic_timeout: float = Field(300.0, gt=0)
     log_level: str = "INFO"
+    host: str = "0.0.0.0"
+    port: int = Field(3000, ge=1, le=65535)
+    # --- RunPod ---
+    runpod_max_concurrency: int = Field(300, ge=1)
+    runpod_volume_path: str = "/runpod-volume"
+    # set by RunPod inside its workers; `embedding-worker auto` picks the RunPod handler on them
+    runpod_pod_id: str = ""
+    runpod_endpoint_id: str = ""
+    runpod_webhook_get_job: str = ""
+    # honoured as set by the user; only read to decide on the RunPod model cache
+    hf_home: str = ""
+    hf_hub_cache: str = ""
+
+    @property
+    def on_runpod(self) -> bool:
+        return bool(self.runpod_pod_id or self.runpod_endpoint_id or self.runpod_webhook_get_job)
 
     @field_validator("backend")
     @classmethod
@@ -240,3 +256,11 @@ def prepare_infinity_environment(settings: Settings) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+
+def prepare_model_cache(settings: Settings) -> None:
+    """On RunPod with a network volume, use its cached-model layout unless the user chose a cache."""
+    if settings.hf_home or settings.hf_hub_cache:
+        return
+    if os.path.isdir(settings.runpod_volume_path):
+        os.environ["HF_HUB_CACHE"] = os.path.join(settings.runpod_volume_path, "huggingface-cache", "hub")

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .config import Settings, prepare_infinity_environment
+from .config import Settings, prepare_infinity_environment, prepare_model_cache
 from .errors import BadRequest, ModelNotFound, Unavailable
 
 if TYPE_CHECKING:  # infinity is imported lazily: it reads its environment at import time
@@ -34,6 +34,7 @@ class Engines:
         self.started_at = int(time.time())
         self.state = "starting"  # starting -> ready -> stopped | failed
         self.failure = ""
+        self._lock: asyncio.Lock | None = None
 
     @property
     def ready(self) -> bool:
@@ -72,14 +73,8 @@ class Engines:
             for spec in self.settings.models
         ]
 
-    def _load(self) -> AsyncEngineArray:
-        prepare_infinity_environment(self.settings)
-        from infinity_emb import AsyncEngineArray
-
-        return AsyncEngineArray.from_args(self._engine_args())
-
-    async def start(self) -> None:
-        """Load weights in a worker thread (keeps /livez answering), then start the batch loops."""
+    def load(self) -> None:
+        """Load the weights (slow, blocking). Idempotent; `start` calls it in a worker thread."""
         if self._array is not None:
             return
         for spec in self.settings.models:
@@ -89,8 +84,25 @@ class Engines:
                     spec.served_name,
                     spec.source,
                 )
+        prepare_infinity_environment(self.settings)
+        prepare_model_cache(self.settings)
+        from infinity_emb import AsyncEngineArray
+
+        self._array = AsyncEngineArray.from_args(self._engine_args())
+
+    async def start(self) -> None:
+        """Load weights in a worker thread (keeps /livez answering), then start the batch loops
+        in the running event loop (infinity binds its queues to it)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # concurrent first jobs (RunPod) start the engines once
+            if self.state == "starting":
+                await self._start()
+
+    async def _start(self) -> None:
         try:
-            self._array = await asyncio.to_thread(self._load)
+            await asyncio.to_thread(self.load)
+            assert self._array is not None
             await self._array.astart()
         except Exception as exc:
             # Stay up and unready (503 with the reason) rather than crash-looping the worker.

@@ -7,6 +7,7 @@ Mounted into the BentoML service with `@bentoml.asgi_app`; the service puts its 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,6 +25,8 @@ from .schemas import (
     ModelList,
     RerankRequest,
     RerankResponse,
+    RunSyncRequest,
+    RunSyncResponse,
 )
 
 logger = logging.getLogger("embedding_worker")
@@ -123,13 +126,32 @@ def create_app() -> FastAPI:
                 name=f"{path}",
             )
 
-    post(["/v1/embeddings", "/embeddings"], EmbeddingRequest, EmbeddingResponse, Core.embed)
-    post(["/v1/rerank", "/rerank", "/v2/rerank"], RerankRequest, RerankResponse, Core.rerank)
+    # /openai/v1/...: the path RunPod's OpenAI proxy uses, so base URLs differ only in the host
+    post(["/v1/embeddings", "/embeddings", "/openai/v1/embeddings"], EmbeddingRequest,
+         EmbeddingResponse, Core.embed)
+    post(["/v1/rerank", "/rerank", "/v2/rerank", "/openai/v1/rerank"], RerankRequest,
+         RerankResponse, Core.rerank)
+
+    async def runsync(request: Request) -> Response:
+        """RunPod's Standard flavour, locally: the job's output wrapped as RunPod wraps it."""
+        core = _core(request)
+        body = await _json_body(request)
+        if not isinstance(body, dict) or "input" not in body:
+            raise BadRequest('expected a JSON object {"input": {...}}', param="input")
+        job: dict[str, Any] = {"id": f"sync-{uuid.uuid4()}"}
+        try:
+            job.update(status="COMPLETED", output=await core.dispatch(body["input"]))
+        except APIError as exc:
+            job.update(status="FAILED", error=exc.message)
+        return Response(dumps(job), media_type=JSON)
+
+    app.add_api_route("/runsync", runsync, methods=["POST"], response_model=RunSyncResponse,
+                      openapi_extra=_body_doc(RunSyncRequest))
 
     async def models(request: Request) -> Response:
         return Response(dumps(_core(request).list_models()), media_type=JSON)
 
-    for i, path in enumerate(["/v1/models", "/models"]):
+    for i, path in enumerate(["/v1/models", "/models", "/openai/v1/models"]):
         app.add_api_route(path, models, methods=["GET"], response_model=ModelList,
                           responses=_ERRORS, include_in_schema=i == 0)
 
@@ -143,7 +165,7 @@ def create_app() -> FastAPI:
 
     app.add_api_route("/{path:path}", unknown_route, include_in_schema=False,
                       methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
-    _register_schemas(app, [EmbeddingRequest, RerankRequest])
+    _register_schemas(app, [EmbeddingRequest, RerankRequest, RunSyncRequest])
     return app
 
 

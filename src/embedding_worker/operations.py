@@ -18,8 +18,15 @@ from pydantic import AfterValidator, BaseModel, ValidationError
 from .config import Settings
 from .encoding import as_matrix, encode_rows, truncate
 from .engines import Engines
+from .errors import (
+    APIError,
+    BadRequest,
+    NotFound,
+    NotImplementedModality,
+    PayloadTooLarge,
+    from_validation_error,
+)
 from .inputs import ImageFetcher
-from .errors import APIError, BadRequest, NotImplementedModality, PayloadTooLarge, from_validation_error
 from .schemas import EmbeddingRequest, EmbedItem, RerankItem, RerankRequest
 
 M = TypeVar("M", bound=BaseModel)
@@ -144,6 +151,29 @@ class Core:
             "usage": _usage(tokens),
         }
 
+    # --- RunPod "standard" job inputs (also POST /runsync on the HTTP server) ---
+
+    async def dispatch(self, job_input: Any) -> dict[str, Any]:
+        """Route a job's `input` to the operation it names; the same core as the HTTP routes."""
+        if not isinstance(job_input, dict):
+            raise BadRequest(f"job input must be a JSON object; {JOB_SHAPES}")
+        if "openai_route" in job_input:
+            route = str(job_input["openai_route"]).rstrip("/")
+            body = job_input.get("openai_input") or {}
+            operation = OPENAI_ROUTES.get(route.removeprefix("/openai").removeprefix("/v1"))
+            if operation is None:
+                raise NotFound(
+                    f"openai_route {job_input['openai_route']!r} is not supported; expected one "
+                    f"of /v1/models, /v1/embeddings, /v1/rerank",
+                    param="openai_route",
+                )
+            return await operation(self, body)
+        if "query" in job_input:
+            return await self.rerank(job_input)
+        if "input" in job_input:
+            return await self.embed(job_input)
+        raise BadRequest(f"unrecognised job input; {JOB_SHAPES}")
+
     # --- batchable entry points (BentoML adaptive batching across callers) ---
 
     async def embed_items(self, items: Sequence[EmbedItem]) -> list[list[float]]:
@@ -194,3 +224,17 @@ def served_with(capability: str) -> AfterValidator:
         return item
 
     return AfterValidator(check)
+
+
+JOB_SHAPES = (
+    'expected {"openai_route": "/v1/models" | "/v1/embeddings" | "/v1/rerank", "openai_input": '
+    '{...}}, an embedding body {"model", "input", "modality"?}, or a rerank body '
+    '{"model", "query", "docs"}'
+)
+
+
+async def _list_models(core: Core, _: Any) -> dict[str, Any]:
+    return core.list_models()
+
+
+OPENAI_ROUTES = {"/models": _list_models, "/embeddings": Core.embed, "/rerank": Core.rerank}

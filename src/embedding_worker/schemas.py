@@ -193,3 +193,17 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class RunSyncRequest(BaseModel):
+    """RunPod Standard flavour: `input` is an embedding body, a rerank body, or
+    `{"openai_route", "openai_input"}`."""
+
+    input: dict[str, Any]
+
+
+class RunSyncResponse(BaseModel):
+    id: str
+    status: Literal["COMPLETED", "FAILED"]
+    output: dict[str, Any] | None = None
+    error: str | None = None

@@ -1,0 +1,51 @@
+"""`embedding-worker serve | runpod | auto`: the image's entry point.
+
+auto (the default) runs the RunPod handler inside RunPod workers and `bentoml serve` elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .config import Settings, load_settings_or_exit
+from .logs import configure_logging
+
+SERVICE = "service:InfinityEmbedding"
+
+
+def service_dir() -> Path:
+    """Where service.py lives: beside `src/` in a checkout and in a built bento alike."""
+    for candidate in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (candidate / "service.py").is_file():
+            return candidate
+    raise SystemExit("service.py not found beside the package or in the current directory")
+
+
+def serve_command(settings: Settings, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--working-dir", str(service_dir()),
+            "--host", settings.host, "--port", str(settings.port), *extra]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="embedding-worker", description=__doc__)
+    parser.add_argument("mode", nargs="?", default="auto", choices=["auto", "serve", "runpod"])
+    args, extra = parser.parse_known_args(argv)
+    settings = load_settings_or_exit()
+    configure_logging(settings)
+    mode = args.mode
+    if mode == "auto":
+        mode = "runpod" if settings.on_runpod else "serve"
+    if mode == "serve":
+        command = serve_command(settings, extra)
+        os.execv(command[0], command)
+    from .runpod_worker import start
+
+    sys.argv = [sys.argv[0], *extra]  # the SDK parses its own --rp_* flags
+    start(settings)
+
+
+if __name__ == "__main__":
+    main()

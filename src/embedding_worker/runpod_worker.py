@@ -1,0 +1,48 @@
+"""RunPod serverless worker: a job's `input` goes to the same core as the HTTP routes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .config import Settings
+from .encoding import jsonable
+from .errors import APIError
+from .operations import Core
+
+logger = logging.getLogger("embedding_worker")
+
+
+def make_handler(core: Core):
+    async def handler(job: dict[str, Any]) -> dict[str, Any]:
+        # Infinity binds its batch loops to the running event loop: start them in the SDK's loop.
+        await core.start()
+        try:
+            # The SDK posts results with json.dumps and silently drops what it cannot serialise
+            # (the client then waits forever): hand it plain Python only.
+            return jsonable(await core.dispatch(job.get("input")))
+        except APIError as exc:
+            return {"error": exc.message}  # a top-level "error" string fails the job
+        except Exception as exc:
+            logger.exception("job %s failed", job.get("id"))
+            return {"error": f"internal error: {type(exc).__name__}: {exc}"}
+
+    return handler
+
+
+def start(settings: Settings) -> None:
+    """Load the weights before taking jobs (a cold start pays it once), then run the SDK loop.
+    The SDK reads its own flags (`--rp_serve_api`, ...) from sys.argv."""
+    import runpod
+
+    core = Core(settings)
+    try:
+        core.engines.load()
+    except Exception as exc:  # RunPod restarts a worker that exits; say why in one line
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        logger.error("model loading failed: %s", reason)
+        raise SystemExit(1) from None
+    runpod.serverless.start({
+        "handler": make_handler(core),
+        "concurrency_modifier": lambda _current: settings.runpod_max_concurrency,
+    })
