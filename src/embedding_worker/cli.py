@@ -29,13 +29,30 @@ def serve_command(settings: Settings, extra: list[str]) -> list[str]:
             "--host", settings.host, "--port", str(settings.port), *extra]
 
 
+def download(settings: Settings, cache_dir: str | None) -> None:
+    """Fetch MODEL_NAMES from the hub into `cache_dir` (the image build's model baking)."""
+    from huggingface_hub import snapshot_download
+
+    for spec in settings.models:
+        if spec.bundled or os.path.isdir(spec.source):
+            print(f"{spec.served_name}: local ({spec.source}), nothing to download")
+            continue
+        path = snapshot_download(repo_id=spec.source, cache_dir=cache_dir)
+        print(f"{spec.served_name}: downloaded to {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="embedding-worker", description=__doc__)
-    parser.add_argument("mode", nargs="?", default="auto", choices=["auto", "serve", "runpod"])
+    parser.add_argument("mode", nargs="?", default="auto",
+                        choices=["auto", "serve", "runpod", "download"])
+    parser.add_argument("--to", help="download: the hub cache directory to fill")
     args, extra = parser.parse_known_args(argv)
     settings = load_settings_or_exit()
     configure_logging(settings)
     mode = args.mode
+    if mode == "download":
+        download(settings, args.to)
+        return
     if mode == "auto":
         mode = "runpod" if settings.on_runpod else "serve"
     if mode == "serve":

@@ -101,6 +101,7 @@ class Settings(BaseSettings):
     # --- RunPod ---
     runpod_max_concurrency: int = Field(300, ge=1)
     runpod_volume_path: str = "/runpod-volume"
+    baked_model_cache: str = "/home/bentoml/hf-cache"  # where the image build bakes models
     # set by RunPod inside its workers; `embedding-worker auto` picks the RunPod handler on them
     runpod_pod_id: str = ""
     runpod_endpoint_id: str = ""
@@ -258,9 +259,19 @@ def prepare_infinity_environment(settings: Settings) -> None:
 
 
 
-def prepare_model_cache(settings: Settings) -> None:
-    """On RunPod with a network volume, use its cached-model layout unless the user chose a cache."""
+def model_cache_dir(settings: Settings) -> str | None:
+    """Hugging Face hub cache to use: the user's choice, else models baked into the image, else
+    RunPod's cached-model layout on a network volume, else the library default (None)."""
     if settings.hf_home or settings.hf_hub_cache:
-        return
+        return None
+    if os.path.isdir(settings.baked_model_cache) and os.listdir(settings.baked_model_cache):
+        return settings.baked_model_cache
     if os.path.isdir(settings.runpod_volume_path):
-        os.environ["HF_HUB_CACHE"] = os.path.join(settings.runpod_volume_path, "huggingface-cache", "hub")
+        return os.path.join(settings.runpod_volume_path, "huggingface-cache", "hub")
+    return None
+
+
+def prepare_model_cache(settings: Settings) -> None:
+    cache = model_cache_dir(settings)
+    if cache is not None:
+        os.environ["HF_HUB_CACHE"] = cache
