@@ -86,11 +86,12 @@ def test_production_job_loop_posts_results_back(tmp_path):
     log_path = tmp_path / "worker.log"
     with FakeJobQueue(jobs) as queue, open(log_path, "wb") as log:
         # `auto` must pick the RunPod handler because RunPod's variables are present
-        proc = spawn(["auto"], {**queue.env, **SKIP_CHECKS}, log)
+        proc = spawn(["auto"], {**queue.env, **SKIP_CHECKS, "RUNPOD_MAX_CONCURRENCY": "7"}, log)
         try:
             assert queue.done.wait(180), (sorted(queue.results), log_path.read_text()[-3000:])
         finally:
             stop(proc)
+    assert "concurrency: 7;" in log_path.read_text()  # RUNPOD_MAX_CONCURRENCY reached the SDK
     results = queue.results
     expected = SentenceTransformer(bundled_model_path(), device="cpu").encode(["Hello, world!"])[0]
     np.testing.assert_allclose(results["job-embed"]["output"]["data"][0]["embedding"], expected, atol=1e-4)
