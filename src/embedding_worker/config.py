@@ -31,6 +31,11 @@ DTYPE_ALIASES = {
     "fp8": "fp8",
 }
 DEVICES = ("auto", "cpu", "cuda", "mps")
+CHOICES = {
+    "backend": BACKENDS,
+    "device": DEVICES,
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
 
 
 class ConfigError(ValueError):
@@ -114,28 +119,14 @@ class Settings(BaseSettings):
     def on_runpod(self) -> bool:
         return bool(self.runpod_pod_id or self.runpod_endpoint_id or self.runpod_webhook_get_job)
 
-    @field_validator("backend")
+    @field_validator("backend", "device", "log_level")
     @classmethod
-    def _backend(cls, value: str) -> str:
-        value = value.strip().lower()
-        if value not in BACKENDS:
-            raise ValueError(f"expected one of {', '.join(BACKENDS)}")
-        return value
-
-    @field_validator("log_level")
-    @classmethod
-    def _log_level(cls, value: str) -> str:
-        value = value.strip().upper()
-        if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ValueError("expected one of DEBUG, INFO, WARNING, ERROR")
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        value = value.strip().lower()
-        if value not in DEVICES:
-            raise ValueError(f"expected one of {', '.join(DEVICES)}")
+    def _one_of(cls, value: str, info) -> str:
+        choices = CHOICES[info.field_name]
+        value = value.strip()
+        value = value.upper() if info.field_name == "log_level" else value.lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
         return value
 
     @field_validator("image_fetch_allowed_networks")

@@ -27,16 +27,14 @@ from .errors import (
     from_validation_error,
 )
 from .inputs import ImageFetcher
-from .schemas import EmbeddingRequest, EmbedItem, RerankItem, RerankRequest
+from .schemas import EmbeddingRequest, EmbedItem, RerankItem, RerankRequest, type_name
 
 M = TypeVar("M", bound=BaseModel)
 
 
 def parse(model: type[M], body: Any) -> M:
     if not isinstance(body, dict):
-        raise BadRequest(
-            f"request body must be a JSON object, got {'null' if body is None else type(body).__name__}"
-        )
+        raise BadRequest(f"request body must be a JSON object, got {type_name(body)}")
     try:
         return model.model_validate(body)
     except ValidationError as exc:

@@ -46,13 +46,13 @@ def check_texts(value: Any, field: str) -> list[str]:
         raise _invalid(f"{field}: {TOKEN_IDS_REFUSED}")
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            raise _invalid(f"{field}[{i}]: expected a string, got {_type_name(item)}")
+            raise _invalid(f"{field}[{i}]: expected a string, got {type_name(item)}")
         if not item.strip():
             raise _invalid(f"{field}[{i}]: empty string")
     return value
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
