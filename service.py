@@ -22,6 +22,8 @@ openai_app = create_app()
     name="infinity-embedding-worker",
     resources={"gpu": 1},  # only sets CUDA_VISIBLE_DEVICES; harmless on CPU-only machines
     traffic={"timeout": settings.traffic_timeout},
+    # per-request access lines cost CPU the model needs (see docs/performance.md); DEBUG has them
+    logging={"access": {"enabled": settings.log_level == "DEBUG"}},
     # BentoML 1.4.31+ recycles its in-process aiohttp session under load and fails batched calls
     # unless the connection lives for the whole process.
     runner_connection={"max_requests": 10**9, "max_age": 1e9},

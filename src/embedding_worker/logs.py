@@ -18,4 +18,8 @@ def configure_logging(settings: Settings) -> logging.Logger:
         handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [embedding_worker] %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
+    # Per-request access lines cost CPU that the model needs on small machines (each goes through
+    # the Rich handler infinity installs); the access log is off unless LOG_LEVEL=DEBUG.
+    if settings.log_level != "DEBUG":
+        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     return logger

@@ -1,0 +1,76 @@
+"""Closed-loop async load: N workers send back-to-back requests for a fixed time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Callable
+
+import httpx
+import numpy as np
+
+
+@dataclass
+class CellResult:
+    requests: int = 0
+    errors: int = 0
+    items: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        lat = np.array(self.latencies) * 1000 if self.latencies else np.array([np.nan])
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "items_per_s": self.items / self.elapsed if self.elapsed else 0.0,
+            "tokens_per_s": self.tokens / self.elapsed if self.elapsed else 0.0,
+            "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)),
+            "elapsed_s": self.elapsed,
+        }
+
+
+async def run_cell(
+    base_url: str,
+    path: str,
+    make_body: Callable[[int], tuple[dict, int, int]],
+    concurrency: int,
+    duration: float,
+    warmup: float = 1.0,
+) -> CellResult:
+    """`make_body(i)` -> (json body, items, tokens). New requests stop after `duration`; the
+    in-flight ones finish and count (throughput = completed work / wall time)."""
+    result = CellResult()
+    numbers = count()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+
+        async def worker(measure_from: float, stop_at: float, record: bool) -> None:
+            while time.perf_counter() < stop_at:
+                body, items, tokens = make_body(next(numbers))
+                start = time.perf_counter()
+                try:
+                    response = await client.post(path, json=body)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if not record:
+                    continue
+                result.requests += 1
+                if ok:
+                    result.latencies.append(time.perf_counter() - start)
+                    result.items += items
+                    result.tokens += tokens
+                else:
+                    result.errors += 1
+
+        now = time.perf_counter()
+        await asyncio.gather(*(worker(now, now + warmup, False) for _ in range(concurrency)))
+        began = time.perf_counter()
+        await asyncio.gather(*(worker(began, began + duration, True) for _ in range(concurrency)))
+        result.elapsed = time.perf_counter() - began
+    return result

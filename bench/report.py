@@ -1,0 +1,76 @@
+"""results.json -> report.md (table with ratios) and plot.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _key(cell: dict) -> tuple:
+    return (cell["kind"], cell["concurrency"], cell["size"], cell["format"])
+
+
+def write_report(report: dict, out: Path) -> None:
+    by_name = {t["name"]: {_key(c): c for c in t["cells"]} for t in report["targets"]}
+    ceiling = report["ceiling"]
+    m = report["machine"]
+    lines = [
+        "# Benchmark",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Python {m['python']}, "
+        f"GPU: {m['gpu'] or 'none'}. Model: all-MiniLM-L6-v2 (embed); a MiniLM-L6-shaped "
+        f"cross-encoder (rerank, query + 32 documents). Texts: half short queries, half "
+        f"~100-300-token passages. Closed loop, {report['duration_s']:g} s per cell after 1 s warm-up.",
+        "",
+        f"Raw model ceiling (in-process, best batch size): embed "
+        f"{ceiling['embed_items_per_s']:.1f} items/s, rerank {ceiling['rerank_pairs_per_s']:.1f} pairs/s.",
+        "",
+    ]
+    names = list(by_name)
+    header = "| kind | conc | items/req | format | " + " | ".join(
+        f"{n} items/s | {n} p50 ms | {n} p99 ms | {n} err" for n in names)
+    if {"worker", "infinity"} <= set(names):
+        header += " | worker/infinity | worker/ceiling"
+    lines += [header + " |", "|" + "---|" * (header.count("|") - 1)]
+    for key in by_name[names[0]]:
+        row = [key[0], str(key[1]), str(key[2]), key[3]]
+        for n in names:
+            c = by_name[n].get(key, {})
+            row += [f"{c.get('items_per_s', 0):.1f}", f"{c.get('p50_ms', 0):.1f}",
+                    f"{c.get('p99_ms', 0):.1f}", str(c.get("errors", ""))]
+        if {"worker", "infinity"} <= set(names):
+            ours, theirs = by_name["worker"][key], by_name["infinity"].get(key)
+            limit = ceiling["embed_items_per_s" if key[0] == "embed" else "rerank_pairs_per_s"]
+            ratio = ours["items_per_s"] / theirs["items_per_s"] if theirs and theirs["items_per_s"] else float("nan")
+            row += [f"{ratio:.2f}x", f"{ours['items_per_s'] / limit:.2f}x"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "| server | cold start to /ready (s) | cold start to first embedding (s) | peak RSS (MB) |",
+              "|---|---|---|---|"]
+    for t in report["targets"]:
+        lines.append(f"| {t['name']} | {t['cold_start_ready_s']:.1f} | "
+                     f"{t['cold_start_first_embedding_s']:.1f} | {t['peak_rss_mb']:.0f} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    _plot(report, out / "plot.png")
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for t in report["targets"]:
+        for size in (1, 8, 64):
+            cells = [c for c in t["cells"] if c["kind"] == "embed" and c["size"] == size and c["format"] == "float"]
+            xs = [c["concurrency"] for c in cells]
+            left.plot(xs, [c["items_per_s"] for c in cells], marker="o", label=f"{t['name']} n={size}")
+            right.plot(xs, [c["p50_ms"] for c in cells], marker="o", label=f"{t['name']} n={size}")
+    left.axhline(report["ceiling"]["embed_items_per_s"], color="grey", ls="--", label="raw ceiling")
+    for ax, title in ((left, "embeddings: items/s"), (right, "embeddings: p50 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    right.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,247 @@
+"""Side-by-side benchmark: this service vs Infinity's own server vs the raw model ceiling.
+
+    .venv/bin/python bench/run.py [--quick] [--out bench/results/NAME]
+
+Same models, same machine, same run. Infinity's server (`infinity_emb v2`, the thing the seed
+wraps) runs from its own environment, bench/.venv-infinity (see bench/README.md), because its
+server extra pins old uvicorn/typer. Writes results.json, report.md and plot.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from load import run_cell  # noqa: E402
+from workload import texts  # noqa: E402
+
+INFINITY_PY = HERE / ".venv-infinity" / "bin" / "python"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_reranker(path: Path, embedder: str) -> Path:
+    """A cross-encoder with MiniLM-L6's shape (as cross-encoder/ms-marco-MiniLM-L-6-v2):
+    random weights, real compute, real tokenizer."""
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(embedder, num_labels=1,
+                                        architectures=["BertForSequenceClassification"])
+    BertForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedder).save_pretrained(path)
+    return path
+
+
+class Target:
+    """A server process: start it, time its cold start, sample its memory, stop it."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], ready_path: str,
+                 prefix: str, log: Path):
+        self.name, self.command, self.env, self.ready_path = name, command, env, ready_path
+        self.prefix, self.log = prefix, log
+        self.port = int(env["PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.peak_rss = 0
+        self._sampling = False
+
+    def start(self) -> dict:
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(self.command, env=self.env, cwd=ROOT, start_new_session=True,
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        self._sampling = True
+        threading.Thread(target=self._sample, daemon=True).start()
+        ready = first = None
+        body = {"model": "minilm", "input": ["cold start"]}
+        while first is None:
+            if self.proc.poll() is not None or time.perf_counter() - started > 300:
+                raise RuntimeError(f"{self.name} did not start:\n{self.log.read_text()[-3000:]}")
+            try:
+                if ready is None and httpx.get(self.url + self.ready_path, timeout=1).status_code == 200:
+                    ready = time.perf_counter() - started
+                if httpx.post(self.url + self.prefix + "/embeddings", json=body, timeout=5).status_code == 200:
+                    first = time.perf_counter() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        return {"cold_start_ready_s": ready or first, "cold_start_first_embedding_s": first}
+
+    def _sample(self) -> None:
+        while self._sampling:
+            try:
+                procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+                self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                pass
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        self._sampling = False
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def targets(models: dict[str, Path], out: Path) -> list[Target]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_NAMES", "SERVED_"))}
+    base.update(HF_HUB_OFFLINE="1", BENTOML_DO_NOT_TRACK="true", DO_NOT_TRACK="1",
+                INFINITY_ANONYMOUS_USAGE_STATS="0")
+    names = f"{models['minilm']};{models['reranker']}"
+    ours = {**base, "PORT": str(free_port()), "MODEL_NAMES": names,
+            "SERVED_MODEL_NAMES": "minilm;reranker", "HOST": "127.0.0.1"}
+    port = free_port()
+    theirs = {**base, "PORT": str(port)}
+    return [
+        Target("worker", [sys.executable, "-m", "embedding_worker", "serve"], ours, "/readyz", "/v1",
+               out / "worker.log"),
+        Target("infinity", [str(INFINITY_PY.parent / "infinity_emb"), "v2",
+                            "--model-id", str(models["minilm"]), "--served-model-name", "minilm",
+                            "--model-id", str(models["reranker"]), "--served-model-name", "reranker",
+                            "--engine", "torch", "--batch-size", "32", "--no-model-warmup",
+                            "--host", "127.0.0.1", "--port", str(port)],
+               theirs, "/health", "", out / "infinity.log"),
+    ]
+
+
+def grid(quick: bool) -> list[dict]:
+    cells = []
+    for concurrency in (1, 4, 16, 64):
+        for size in (1, 8, 64):
+            cells.append({"kind": "embed", "concurrency": concurrency, "size": size, "format": "float"})
+        cells.append({"kind": "embed", "concurrency": concurrency, "size": 8, "format": "base64"})
+        cells.append({"kind": "rerank", "concurrency": concurrency, "size": 32, "format": "float"})
+    return cells
+
+
+def body_maker(cell: dict, corpus: list[str], tokens: list[int]):
+    n = len(corpus)
+
+    def embed(i: int):
+        start = (i * cell["size"]) % (n - cell["size"])
+        chunk = corpus[start:start + cell["size"]]
+        body = {"model": "minilm", "input": chunk, "encoding_format": cell["format"]}
+        return body, len(chunk), sum(tokens[start:start + cell["size"]])
+
+    def rerank(i: int):
+        start = (i * 33) % (n - 33)
+        query, docs = corpus[start], corpus[start + 1:start + 33]
+        body = {"model": "reranker", "query": query, "documents": docs}
+        return body, len(docs), sum(tokens[start + 1:start + 33]) + len(docs) * tokens[start]
+
+    return embed if cell["kind"] == "embed" else rerank
+
+
+def ceiling(models: dict[str, Path], corpus: list[str], quick: bool) -> dict:
+    """The raw model in this process at its best batch size: what no server can beat."""
+    import torch
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    sample = corpus[: 256 if quick else 512]
+    st = SentenceTransformer(str(models["minilm"]), device="cpu")
+    best_embed = 0.0
+    for batch in (16, 32, 64):
+        st.encode(sample[:batch], batch_size=batch)
+        start = time.perf_counter()
+        st.encode(sample, batch_size=batch)
+        best_embed = max(best_embed, len(sample) / (time.perf_counter() - start))
+    ce = CrossEncoder(str(models["reranker"]), device="cpu")
+    pairs = [(sample[0], d) for d in sample[1:129]]
+    best_rerank = 0.0
+    for batch in (16, 32, 64):
+        ce.predict(pairs[:batch], batch_size=batch)
+        start = time.perf_counter()
+        ce.predict(pairs, batch_size=batch)
+        best_rerank = max(best_rerank, len(pairs) / (time.perf_counter() - start))
+    return {"embed_items_per_s": best_embed, "rerank_pairs_per_s": best_rerank}
+
+
+def measure(target: Target, cells: list[dict], corpus, tokens, duration: float) -> dict:
+    result = {"name": target.name, **target.start(), "cells": []}
+    try:
+        for cell in cells:
+            path = target.prefix + ("/embeddings" if cell["kind"] == "embed" else "/rerank")
+            outcome = asyncio.run(run_cell(target.url, path, body_maker(cell, corpus, tokens),
+                                           cell["concurrency"], duration))
+            row = {**cell, **outcome.summary()}
+            result["cells"].append(row)
+            print(f"{target.name:9s} {cell['kind']:6s} c={cell['concurrency']:<3d} n={cell['size']:<3d} "
+                  f"{cell['format']:6s} {row['items_per_s']:8.1f} items/s  p50 {row['p50_ms']:7.1f} ms  "
+                  f"errors {row['errors']}", flush=True)
+    finally:
+        target.stop()
+    result["peak_rss_mb"] = target.peak_rss / 2**20
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter cells (a smoke run)")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / time.strftime("%Y%m%d-%H%M%S"))
+    parser.add_argument("--only", choices=["worker", "infinity"], help="one server only")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not INFINITY_PY.exists() and args.only != "worker":
+        sys.exit(f"{INFINITY_PY} missing: see bench/README.md to create Infinity's environment")
+
+    from transformers import AutoTokenizer
+
+    from embedding_worker.config import bundled_model_path
+
+    minilm = Path(bundled_model_path())
+    models = {"minilm": minilm, "reranker": make_reranker(HERE / "results" / "minilm-reranker", str(minilm))}
+    corpus = texts(str(minilm / "vocab.txt"), 2048)
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    tokens = [len(ids) for ids in tokenizer(corpus, truncation=True, max_length=256)["input_ids"]]
+    duration = 4.0 if args.quick else 12.0
+    cells = grid(args.quick)
+
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                    "python": platform.python_version(), "gpu": None},
+        "duration_s": duration,
+        "ceiling": ceiling(models, corpus, args.quick),
+        "targets": [],
+    }
+    print("ceiling", report["ceiling"], flush=True)
+    for target in targets(models, args.out):
+        if args.only and target.name != args.only:
+            continue
+        report["targets"].append(measure(target, cells, corpus, tokens, duration))
+    (args.out / "results.json").write_text(json.dumps(report, indent=2))
+    from report import write_report
+
+    write_report(report, args.out)
+    print(f"wrote {args.out}/report.md and plot.png")
+
+
+if __name__ == "__main__":
+    main()
