@@ -130,7 +130,7 @@ def targets(models: dict[str, Path], out: Path) -> list[Target]:
     ]
 
 
-def grid(quick: bool) -> list[dict]:
+def grid() -> list[dict]:
     cells = []
     for concurrency in (1, 4, 16, 64):
         for size in (1, 8, 64):
@@ -158,6 +158,17 @@ def body_maker(cell: dict, corpus: list[str], tokens: list[int]):
     return embed if cell["kind"] == "embed" else rerank
 
 
+def _best_rate(run, items: list, batches=(16, 32, 64)) -> float:
+    """Items per second of `run(items, batch_size)` at its best batch size (after a warm-up)."""
+    best = 0.0
+    for batch in batches:
+        run(items[:batch], batch)
+        start = time.perf_counter()
+        run(items, batch)
+        best = max(best, len(items) / (time.perf_counter() - start))
+    return best
+
+
 def ceiling(models: dict[str, Path], corpus: list[str], quick: bool) -> dict:
     """The raw model in this process at its best batch size: what no server can beat."""
     import torch
@@ -166,20 +177,10 @@ def ceiling(models: dict[str, Path], corpus: list[str], quick: bool) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     sample = corpus[: 256 if quick else 512]
     st = SentenceTransformer(str(models["minilm"]), device="cpu")
-    best_embed = 0.0
-    for batch in (16, 32, 64):
-        st.encode(sample[:batch], batch_size=batch)
-        start = time.perf_counter()
-        st.encode(sample, batch_size=batch)
-        best_embed = max(best_embed, len(sample) / (time.perf_counter() - start))
     ce = CrossEncoder(str(models["reranker"]), device="cpu")
     pairs = [(sample[0], d) for d in sample[1:129]]
-    best_rerank = 0.0
-    for batch in (16, 32, 64):
-        ce.predict(pairs[:batch], batch_size=batch)
-        start = time.perf_counter()
-        ce.predict(pairs, batch_size=batch)
-        best_rerank = max(best_rerank, len(pairs) / (time.perf_counter() - start))
+    best_embed = _best_rate(lambda items, batch: st.encode(items, batch_size=batch), sample)
+    best_rerank = _best_rate(lambda items, batch: ce.predict(items, batch_size=batch), pairs)
     return {"embed_items_per_s": best_embed, "rerank_pairs_per_s": best_rerank}
 
 
@@ -221,7 +222,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(minilm)
     tokens = [len(ids) for ids in tokenizer(corpus, truncation=True, max_length=256)["input_ids"]]
     duration = 4.0 if args.quick else 12.0
-    cells = grid(args.quick)
+    cells = grid()
 
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
