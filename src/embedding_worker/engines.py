@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings, prepare_infinity_environment, prepare_model_cache
@@ -40,7 +41,7 @@ class Engines:
     def ready(self) -> bool:
         return self.state == "ready"
 
-    @property
+    @cached_property
     def device(self) -> str:
         """Where the models run; infinity leaves `auto` unresolved until torch picks."""
         if self.settings.device != "auto":
@@ -154,9 +155,6 @@ class Engines:
                 code="capability_not_supported",
             )
         return engine
-
-    def capabilities(self, name: str) -> list[str]:
-        return sorted(self.get(name).capabilities)
 
     def card(self, name: str) -> dict[str, Any]:
         engine = self.get(name)

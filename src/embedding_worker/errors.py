@@ -54,6 +54,19 @@ class PayloadTooLarge(APIError):
     code = "payload_too_large"
 
 
+class MethodNotAllowed(APIError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+def too_many(field: str, count: int, limit: int, setting: str, noun: str = "items") -> PayloadTooLarge:
+    """413 for a list over its configured limit, naming the setting that raises it."""
+    return PayloadTooLarge(
+        f"{field}: {count} {noun}, at most {limit} per request ({setting})", param=field
+    )
+
+
 class NotImplementedModality(APIError):
     status = 501
     type = "not_implemented_error"

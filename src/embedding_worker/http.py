@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .encoding import dumps
-from .errors import APIError, BadRequest, InternalError, NotFound, Unavailable
+from .errors import APIError, BadRequest, InternalError, MethodNotAllowed, NotFound, Unavailable
 from .operations import Core
 from .schemas import (
     EmbeddingRequest,
@@ -96,12 +96,10 @@ def create_app() -> FastAPI:
         if exc.status_code == 404:
             return error_response(NotFound(f"no route {request.method} {request.url.path}"))
         if exc.status_code == 405:
-            error = APIError(f"method {request.method} is not allowed on {request.url.path}")
-            error.status, error.type = 405, "invalid_request_error"
-            return error_response(error)
-        error = APIError(str(exc.detail))
-        error.status = exc.status_code
-        return error_response(error)
+            return error_response(
+                MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}")
+            )
+        return error_response(InternalError(f"internal error: HTTP {exc.status_code} {exc.detail}"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

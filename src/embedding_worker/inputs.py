@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from .errors import BadRequest, PayloadTooLarge
+from .errors import BadRequest, too_many
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -186,11 +186,8 @@ class ImageFetcher:
     async def load_all(self, items: list[str]) -> list[Image]:
         """Every item or none: the first bad item (lowest index) fails the request with a 400."""
         if len(items) > self.policy.max_images:
-            raise PayloadTooLarge(
-                f"input: {len(items)} images, at most {self.policy.max_images} per request "
-                f"(MAX_IMAGES_PER_REQUEST)",
-                param="input",
-            )
+            raise too_many("input", len(items), self.policy.max_images, "MAX_IMAGES_PER_REQUEST",
+                           noun="images")
         results = await asyncio.gather(*(self._load(item) for item in items), return_exceptions=True)
         for index, result in enumerate(results):
             if isinstance(result, ImageError):

@@ -23,8 +23,8 @@ from .errors import (
     BadRequest,
     NotFound,
     NotImplementedModality,
-    PayloadTooLarge,
     from_validation_error,
+    too_many,
 )
 from .inputs import ImageFetcher
 from .schemas import EmbeddingRequest, EmbedItem, RerankItem, RerankRequest, type_name
@@ -77,25 +77,20 @@ class Core:
 
     async def embed(self, body: Any) -> dict[str, Any]:
         request = parse(EmbeddingRequest, body)
-        limit = self.settings.max_input_items
-        if len(request.input) > limit:
-            raise PayloadTooLarge(
-                f"input: {len(request.input)} items, at most {limit} per request (MAX_INPUT_ITEMS)",
-                param="input",
-            )
+        if len(request.input) > self.settings.max_input_items:
+            raise too_many("input", len(request.input), self.settings.max_input_items, "MAX_INPUT_ITEMS")
         if request.modality == "audio":
             raise NotImplementedModality(
                 "modality 'audio' is not supported yet; use 'text' or 'image'", param="modality"
             )
-        if request.modality == "image":
-            engine = self.engines.require(request.model, "image_embed")
-            self._check_dimensions(request.model, request.dimensions)
+        image = request.modality == "image"
+        engine = self.engines.require(request.model, "image_embed" if image else "embed")
+        self._check_dimensions(request.model, request.dimensions)
+        if image:
             # every image is fetched and decoded before any reaches the engine
             images = await self.images.load_all(request.input)
             embeddings, tokens = await engine.image_embed(images=images)
         else:
-            engine = self.engines.require(request.model, "embed")
-            self._check_dimensions(request.model, request.dimensions)
             embeddings, tokens = await engine.embed(sentences=request.input)
         matrix = as_matrix(embeddings)
         self._dims.setdefault(request.model, matrix.shape[1])
@@ -123,11 +118,7 @@ class Core:
         request = parse(RerankRequest, body)
         limit = self.settings.max_rerank_documents
         if len(request.documents) > limit:
-            raise PayloadTooLarge(
-                f"documents: {len(request.documents)} items, at most {limit} per request "
-                f"(MAX_RERANK_DOCUMENTS)",
-                param="documents",
-            )
+            raise too_many("documents", len(request.documents), limit, "MAX_RERANK_DOCUMENTS")
         engine = self.engines.require(request.model, "rerank")
         ranked, tokens = await engine.rerank(
             query=request.query,

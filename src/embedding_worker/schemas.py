@@ -12,7 +12,6 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-Modality = Literal["text", "image", "audio"]
 MODALITIES = ("text", "image", "audio")
 
 TOKEN_IDS_REFUSED = (
