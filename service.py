@@ -9,6 +9,7 @@ import bentoml
 from embedding_worker.config import load_settings_or_exit
 from embedding_worker.http import create_app
 from embedding_worker.logs import configure_logging
+from embedding_worker.middleware import RequestGuard
 from embedding_worker.operations import Core, served_with
 from embedding_worker.schemas import EmbedItem, RerankItem
 
@@ -57,3 +58,7 @@ class InfinityEmbedding:
         self, items: list[Annotated[RerankItem, served_with("rerank")]]
     ) -> list[float]:
         return await self.core.rerank_items(items)
+
+
+# auth, body cap and request log for every route, BentoML's own included
+InfinityEmbedding.add_asgi_middleware(RequestGuard, settings=settings)

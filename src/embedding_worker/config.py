@@ -84,6 +84,17 @@ class Settings(BaseSettings):
     # --- request limits ---
     max_input_items: int = Field(2048, ge=1)
     max_rerank_documents: int = Field(2048, ge=1)
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_text_chars: int = Field(100_000, ge=1)
+    truncate_inputs: bool = True  # False: a text longer than the model's window is a 400
+    # --- overload, deadlines, health ---
+    max_concurrent_requests: int = Field(1024, ge=1)  # in-flight embed/rerank requests; over: 429
+    request_timeout: float = Field(60.0, gt=0)  # per-request deadline: 504
+    engine_stall_timeout: float = Field(60.0, gt=0)  # waiting work, no batch finished: /readyz 503
+    # --- auth, logs ---
+    api_key: str = Field("", repr=False)  # one key, or several separated by ';' or ','
+    metrics_require_auth: bool = False
+    log_requests: bool = True
     # --- image inputs (modality=image) ---
     http_client_user_agent: str = (
         "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
@@ -94,6 +105,7 @@ class Settings(BaseSettings):
     http_client_max_keepalive_connections: int = Field(20, ge=0)
     image_max_bytes: int = Field(20_000_000, ge=1)
     image_max_pixels: int = Field(50_000_000, ge=1)
+    image_max_aspect_ratio: float = Field(20.0, ge=1)  # long side / short side
     max_images_per_request: int = Field(64, ge=1)
     image_max_redirects: int = Field(3, ge=0)
     image_fetch_allow_private: bool = False
@@ -138,6 +150,10 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"{part!r} is not an IP network; expected CIDRs like 10.0.0.0/8") from None
         return value
+
+    @cached_property
+    def api_keys(self) -> tuple[str, ...]:
+        return tuple(_split(self.api_key.replace(",", ";")))
 
     @cached_property
     def allowed_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import threading
 import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings, prepare_infinity_environment, prepare_model_cache
+from .engine_guard import EngineGuard
 from .errors import BadRequest, ModelNotFound, Unavailable
 
 if TYPE_CHECKING:  # infinity is imported lazily: it reads its environment at import time
@@ -36,6 +39,9 @@ class Engines:
         self.state = "starting"  # starting -> ready -> stopped | failed
         self.failure = ""
         self._lock: asyncio.Lock | None = None
+        self.guards: dict[str, EngineGuard] = {}
+        self.windows: dict[str, int | None] = {}  # tokens per input, special tokens included
+        self._counters: dict[str, tuple[threading.Lock, Any]] = {}
 
     @property
     def ready(self) -> bool:
@@ -113,6 +119,10 @@ class Engines:
             return
         for name in self.names:
             engine = self._array[name]
+            models = list(engine._model_replicas)  # infinity has no public handle on its models
+            self.guards[name] = EngineGuard(name, models, self.settings.engine_stall_timeout)
+            self.windows[name] = _window(models[0])
+            _count_usage_as_truncated(models[0], self.windows[name])
             args = engine.engine_args
             logger.info(
                 "model %s: source=%s backend=%s dtype=%s device=%s batch_size=%d capabilities=%s",
@@ -156,6 +166,30 @@ class Engines:
             )
         return engine
 
+    @property
+    def stalled(self) -> list[str]:
+        """Models whose batch loop has left work waiting past ENGINE_STALL_TIMEOUT."""
+        return [name for name, guard in self.guards.items() if guard.stalled]
+
+    def count_tokens(self, name: str, texts: list[str], pairs_with: str | None = None) -> list[int] | None:
+        """Tokens per text (or per `(pairs_with, text)` pair) as the model would see them before
+        truncation, special tokens included; None when the model has no text tokenizer.
+        Blocking: call in a thread. Uses its own tokenizer copy (fast tokenizers are not
+        re-entrant) under a lock."""
+        if name not in self._counters:
+            tokenizer = _tokenizer(self._array[name]._model_replicas[0]) if self._array else None
+            if tokenizer is None:
+                return None
+            self._counters.setdefault(name, (threading.Lock(), copy.deepcopy(tokenizer)))
+        lock, tokenizer = self._counters[name]
+        with lock:
+            if pairs_with is None:
+                encoded = tokenizer(texts, add_special_tokens=True, truncation=False)
+            else:
+                encoded = tokenizer([pairs_with] * len(texts), texts, add_special_tokens=True,
+                                    truncation=False)
+        return [len(ids) for ids in encoded["input_ids"]]
+
     def card(self, name: str) -> dict[str, Any]:
         engine = self.get(name)
         args = engine.engine_args
@@ -176,3 +210,31 @@ class Engines:
                 "results_pending": status.results_absolute,
             },
         }
+
+
+def _tokenizer(model: Any) -> Any:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        tokenizer = getattr(getattr(model, "processor", None), "tokenizer", None)
+    return tokenizer if callable(tokenizer) else None
+
+
+def _window(model: Any) -> int | None:
+    """The model's input window in tokens: what infinity truncates every text to."""
+    for attr in ("max_seq_length", "max_length"):
+        value = getattr(model, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(_tokenizer(model), "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+
+
+def _count_usage_as_truncated(model: Any, window: int | None) -> None:
+    """infinity counts usage with a tokenizer copy that truncates at the tokenizer's own limit,
+    which can exceed the model's window (MiniLM: 512 vs 256). Cap it at the window less the
+    special tokens, so usage counts exactly the text tokens the model saw."""
+    counter = getattr(model, "_infinity_tokenizer", None)
+    if counter is None or window is None:
+        return
+    special = counter.num_special_tokens_to_add(pair=False)
+    counter.model_max_length = max(1, window - special)

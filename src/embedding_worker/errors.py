@@ -15,6 +15,7 @@ class APIError(Exception):
     status: int = 500
     type: str = "internal_error"
     code: str | None = None
+    headers: dict[str, str] = {}  # extra HTTP headers (e.g. Retry-After)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -37,6 +38,13 @@ class APIError(Exception):
 class BadRequest(APIError):
     status = 400
     type = "invalid_request_error"
+
+
+class Unauthorized(APIError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class NotFound(APIError):
@@ -67,6 +75,16 @@ def too_many(field: str, count: int, limit: int, setting: str, noun: str = "item
     )
 
 
+class Overloaded(APIError):
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int = 1):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class NotImplementedModality(APIError):
     status = 501
     type = "not_implemented_error"
@@ -79,9 +97,21 @@ class Unavailable(APIError):
     code = "not_ready"
 
 
+class DeadlineExceeded(APIError):
+    status = 504
+    type = "timeout_error"
+    code = "request_timeout"
+
+
 class InternalError(APIError):
     status = 500
     type = "internal_error"
+
+
+class ModelFault(InternalError):
+    """The model raised on this request's items (other requests are unaffected)."""
+
+    code = "model_error"
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

@@ -6,6 +6,7 @@ Mounted into the BentoML service with `@bentoml.asgi_app`; the service puts its 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .encoding import dumps
 from .errors import APIError, BadRequest, InternalError, MethodNotAllowed, NotFound, Unavailable
-from .operations import Core
+from .logs import annotate
+from .operations import CLIENT_GONE, Core
 from .schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
@@ -35,7 +37,34 @@ JSON = "application/json"
 
 
 def error_response(error: APIError) -> Response:
-    return Response(dumps(error.envelope()), status_code=error.status, media_type=JSON)
+    return Response(dumps(error.envelope()), status_code=error.status, media_type=JSON,
+                    headers=error.headers)
+
+
+# nginx's "client closed request": logged, never seen by the client that left
+CLIENT_CLOSED = 499
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Run `work`; if the client disconnects first, cancel it so that its items stop taking
+    engine time (infinity skips queued items whose caller is gone)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel(CLIENT_GONE)
+    if task.cancelled():
+        annotate(outcome=CLIENT_GONE)
+        return None
+    return task.result()
 
 
 def _core(request: Request) -> Core:
@@ -69,10 +98,14 @@ _ERRORS = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         400: "invalid request",
+        401: "missing or invalid API key (when API_KEY is set)",
         404: "unknown model",
-        413: "too many items",
+        413: "request body, item count or text length over its limit",
+        429: "overloaded; retry after the Retry-After header's seconds",
+        500: "the model failed on this request's items",
         501: "modality not implemented",
         503: "not ready",
+        504: "deadline (REQUEST_TIMEOUT) exceeded",
     }.items()
 }
 
@@ -110,7 +143,11 @@ def create_app() -> FastAPI:
              operation: Callable[[Core, Any], Awaitable[dict[str, Any]]]) -> None:
         async def endpoint(request: Request) -> Response:
             core = _core(request)
-            return Response(dumps(await operation(core, await _json_body(request))), media_type=JSON)
+            body = await _json_body(request)
+            result = await _unless_disconnected(request, operation(core, body))
+            if result is None:
+                return Response(status_code=CLIENT_CLOSED)
+            return Response(dumps(result), media_type=JSON)
 
         for i, path in enumerate(paths):
             app.add_api_route(

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
 
 from .config import Settings
 
@@ -23,3 +28,40 @@ def configure_logging(settings: Settings) -> logging.Logger:
     if settings.log_level != "DEBUG":
         logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     return logger
+
+
+@dataclass
+class RequestRecord:
+    """One request's facts for its log line; the core fills in what only it knows."""
+
+    method: str
+    route: str
+    model: str | None = None
+    items: int | None = None
+    tokens: int | None = None
+    status: int = 0
+    latency_ms: float = 0.0
+    outcome: str | None = None  # set when the request ended other than by a response
+
+
+_record: ContextVar[RequestRecord | None] = ContextVar("request_record", default=None)
+
+
+def begin_request(method: str, route: str) -> RequestRecord:
+    record = RequestRecord(method, route)
+    _record.set(record)
+    return record
+
+
+def annotate(**facts: Any) -> None:
+    """Add facts (model, items, tokens) to the current request's line, if there is one."""
+    record = _record.get()
+    if record is not None:
+        for key, value in facts.items():
+            setattr(record, key, value)
+
+
+def log_request(record: RequestRecord) -> None:
+    """One structured line per request: no payloads, no credentials."""
+    line = {k: v for k, v in asdict(record).items() if v is not None}
+    logging.getLogger(LOGGER_NAME).info("request %s", orjson.dumps(line).decode())

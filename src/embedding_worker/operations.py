@@ -7,25 +7,35 @@ raises `errors.APIError`. Knows nothing about HTTP or RunPod.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ValidationError
 
+from . import metrics
 from .config import Settings
 from .encoding import as_matrix, encode_rows, truncate
+from .engine_guard import Fault, is_fault
 from .engines import Engines
 from .errors import (
     APIError,
     BadRequest,
+    DeadlineExceeded,
+    ModelFault,
     NotFound,
     NotImplementedModality,
+    Overloaded,
+    PayloadTooLarge,
     from_validation_error,
     too_many,
 )
+from .logs import annotate
 from .inputs import ImageFetcher
 from .schemas import EmbeddingRequest, EmbedItem, RerankItem, RerankRequest, type_name
 
@@ -45,6 +55,15 @@ def _usage(tokens: int) -> dict[str, int]:
     return {"prompt_tokens": int(tokens), "total_tokens": int(tokens)}
 
 
+# The message a transport cancels an operation with when its caller went away.
+CLIENT_GONE = "client disconnected"
+
+
+@dataclass
+class _Served:
+    tokens: int = 0
+
+
 class Core:
     # The started core of this process, for validators BentoML runs before batching.
     current: ClassVar[Core | None] = None
@@ -54,6 +73,7 @@ class Core:
         self.engines = Engines(settings)
         self.images = ImageFetcher(settings)
         self._dims: dict[str, int] = {}  # learnt from the first embedding of each model
+        self.in_flight = 0  # embed/rerank requests being served (MAX_CONCURRENT_REQUESTS)
 
     async def start(self) -> None:
         await self.images.start()
@@ -66,7 +86,91 @@ class Core:
 
     @property
     def ready(self) -> bool:
-        return self.engines.ready
+        """Started, and no model's batch loop has left work waiting past ENGINE_STALL_TIMEOUT."""
+        return self.engines.ready and not self.engines.stalled
+
+    # --- admission, deadline, accounting: one place for every embed/rerank request ---
+
+    @asynccontextmanager
+    async def _serving(self, operation: str, model: str, items: int) -> AsyncIterator[_Served]:
+        annotate(model=model, items=items)
+        engine = self.engines.get(model)
+        limit = self.settings.max_concurrent_requests
+        if self.in_flight >= limit:
+            metrics.rejected(model, "concurrency")
+            raise Overloaded(
+                f"the server is at its limit of {limit} concurrent requests "
+                f"(MAX_CONCURRENT_REQUESTS); retry shortly"
+            )
+        queued = engine.overload_status().queue_absolute
+        if queued + items > self.settings.infinity_queue_size:
+            metrics.rejected(model, "queue")
+            raise Overloaded(
+                f"model {model!r} has {queued} items queued and this request adds {items}, over "
+                f"INFINITY_QUEUE_SIZE={self.settings.infinity_queue_size}; retry shortly"
+            )
+        served, outcome, start = _Served(), "error", time.perf_counter()
+        self.in_flight += 1
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                yield served
+            outcome = "ok"
+        except TimeoutError:
+            outcome = "timeout"
+            raise DeadlineExceeded(
+                f"the request did not finish within {self.settings.request_timeout:g}s "
+                f"(REQUEST_TIMEOUT) and was cancelled"
+            ) from None
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except APIError as exc:
+            outcome = "client_error" if exc.status < 500 else "error"
+            raise
+        finally:
+            self.in_flight -= 1
+            metrics.queue_depth(model, engine.overload_status().queue_absolute)
+            metrics.request(operation, model, outcome, time.perf_counter() - start,
+                            items if outcome == "ok" else 0, served.tokens)
+            annotate(tokens=served.tokens or None)
+
+    async def _compute(self, model: str, call: Awaitable[Any]) -> Any:
+        """Await an engine call, telling the model's guard (stall detection) about it."""
+        guard = self.engines.guards[model]
+        guard.submitted()
+        abandoned = False
+        try:
+            return await call
+        except asyncio.CancelledError as exc:
+            abandoned = CLIENT_GONE in exc.args
+            raise
+        finally:
+            guard.finished(abandoned=abandoned)
+
+    def _check_text(self, model: str, field: str, texts: list[str]) -> None:
+        limit = self.settings.max_text_chars
+        for i, text in enumerate(texts):
+            if len(text) > limit:
+                raise PayloadTooLarge(
+                    f"{field}[{i}]: {len(text)} characters, at most {limit} per text "
+                    f"(MAX_TEXT_CHARS)", param=field,
+                )
+
+    async def _check_window(self, model: str, field: str, texts: list[str],
+                            query: str | None = None) -> None:
+        """With TRUNCATE_INPUTS=false, refuse texts the model would have to truncate."""
+        window = self.engines.windows.get(model)
+        if self.settings.truncate_inputs or window is None:
+            return
+        counts = await asyncio.to_thread(self.engines.count_tokens, model, texts, query)
+        for i, count in enumerate(counts or []):
+            if count > window:
+                what = "query and document together are" if query is not None else "it is"
+                raise BadRequest(
+                    f"{field}[{i}]: {what} {count} tokens, over the model's window of {window} "
+                    f"tokens (TRUNCATE_INPUTS=false refuses instead of truncating)",
+                    param=field, code="context_length_exceeded",
+                )
 
     # --- models ---
 
@@ -86,12 +190,22 @@ class Core:
         image = request.modality == "image"
         engine = self.engines.require(request.model, "image_embed" if image else "embed")
         self._check_dimensions(request.model, request.dimensions)
-        if image:
-            # every image is fetched and decoded before any reaches the engine
-            images = await self.images.load_all(request.input)
-            embeddings, tokens = await engine.image_embed(images=images)
-        else:
-            embeddings, tokens = await engine.embed(sentences=request.input)
+        if not image:
+            self._check_text(request.model, "input", request.input)
+        async with self._serving("embed", request.model, len(request.input)) as served:
+            if image:
+                # every image is fetched and decoded before any reaches the engine
+                try:
+                    images = await self.images.load_all(request.input)
+                except BadRequest:
+                    metrics.image_failure(request.model)
+                    raise
+                embeddings, tokens = await self._compute(request.model, engine.image_embed(images=images))
+            else:
+                await self._check_window(request.model, "input", request.input)
+                embeddings, tokens = await self._compute(request.model, engine.embed(sentences=request.input))
+            _raise_faults(self.engines, request.model, "input", embeddings)
+            served.tokens = tokens
         matrix = as_matrix(embeddings)
         self._dims.setdefault(request.model, matrix.shape[1])
         self._check_dimensions(request.model, request.dimensions)
@@ -120,12 +234,20 @@ class Core:
         if len(request.documents) > limit:
             raise too_many("documents", len(request.documents), limit, "MAX_RERANK_DOCUMENTS")
         engine = self.engines.require(request.model, "rerank")
-        ranked, tokens = await engine.rerank(
-            query=request.query,
-            docs=request.documents,
-            raw_scores=request.raw_scores,
-            top_n=request.top_n,
-        )
+        self._check_text(request.model, "query", [request.query])
+        self._check_text(request.model, "documents", request.documents)
+        async with self._serving("rerank", request.model, len(request.documents)) as served:
+            await self._check_window(request.model, "documents", request.documents, request.query)
+            # top_n is applied here, after the fault check: a failed document must not hide
+            # behind the cut
+            ranked, tokens = await self._compute(request.model, engine.rerank(
+                query=request.query, docs=request.documents, raw_scores=request.raw_scores,
+            ))
+            _raise_faults(self.engines, request.model, "documents",
+                          {r.index: r.relevance_score for r in ranked})
+            served.tokens = tokens
+        if request.top_n is not None and request.top_n > 0:
+            ranked = ranked[: request.top_n]
         results = []
         for r in ranked:
             result: dict[str, Any] = {"index": r.index, "relevance_score": float(r.relevance_score)}
@@ -174,7 +296,8 @@ class Core:
 
         async def run(model: str, positions: list[int]) -> None:
             engine = self.engines.require(model, "embed")
-            vectors, _ = await engine.embed(sentences=[items[i].text for i in positions])
+            vectors, _ = await self._compute(model, engine.embed(sentences=[items[i].text for i in positions]))
+            _raise_faults(self.engines, model, "items", vectors)
             for i, vector in zip(positions, vectors):
                 out[i] = np.asarray(vector, dtype=np.float32).tolist()
 
@@ -190,12 +313,26 @@ class Core:
 
         async def run(key: tuple[str, str], positions: list[int]) -> None:
             engine = self.engines.require(key[0], "rerank")
-            ranked, _ = await engine.rerank(query=key[1], docs=[items[i].document for i in positions])
+            ranked, _ = await self._compute(
+                key[0], engine.rerank(query=key[1], docs=[items[i].document for i in positions])
+            )
+            _raise_faults(self.engines, key[0], "items", {r.index: r.relevance_score for r in ranked})
             for r in ranked:
                 out[positions[r.index]] = float(r.relevance_score)
 
         await asyncio.gather(*(run(k, p) for k, p in groups.items()))
         return out
+
+
+def _raise_faults(engines: Engines, model: str, field: str,
+                  results: Sequence[Any] | dict[int, Any]) -> None:
+    """A model fault on some items (see engine_guard) fails this request, and only this one."""
+    pairs = results.items() if isinstance(results, dict) else enumerate(results)
+    for i, value in sorted(pairs, key=lambda p: p[0]):
+        if is_fault(value):
+            # scores lose the Fault type in infinity's arithmetic; the guard kept the reason
+            reason = value.error if isinstance(value, Fault) else engines.guards[model].last_fault
+            raise ModelFault(f"model {model!r} failed on {field}[{i}]: {reason}", param=field)
 
 
 def served_with(capability: str) -> AfterValidator:

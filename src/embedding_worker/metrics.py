@@ -1,0 +1,66 @@
+"""Prometheus metrics beyond BentoML's defaults, served on BentoML's `/metrics`.
+
+Created on first use, not at import: BentoML workers point prometheus_client at their
+multi-process directory only after the service module is imported, and metrics created before
+that would never reach `/metrics`. Created once per process (a second registration would fail).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+_lock = threading.Lock()
+_metrics: dict[str, Any] = {}
+
+PREFIX = "embedding_worker_"
+
+
+def _get() -> dict[str, Any]:
+    if _metrics:
+        return _metrics
+    with _lock:
+        if not _metrics:
+            from prometheus_client import Counter, Gauge, Histogram
+
+            _metrics.update(
+                requests=Counter(PREFIX + "requests", "Requests by operation, model and outcome",
+                                 ["operation", "model", "outcome"]),
+                items=Counter(PREFIX + "items", "Texts, images or documents processed",
+                              ["operation", "model"]),
+                tokens=Counter(PREFIX + "tokens", "Tokens processed (as reported in usage)",
+                               ["operation", "model"]),
+                rejected=Counter(PREFIX + "rejected_requests",
+                                 "Requests refused with 429 because of overload", ["model", "reason"]),
+                image_failures=Counter(PREFIX + "image_fetch_failures",
+                                       "Image inputs that could not be fetched or decoded", ["model"]),
+                queue=Gauge(PREFIX + "queue_depth", "Items waiting in the model's queue", ["model"],
+                            multiprocess_mode="livesum"),
+                latency=Histogram(PREFIX + "request_seconds", "Time in the core per request",
+                                  ["operation", "model"],
+                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)),
+            )
+    return _metrics
+
+
+def request(operation: str, model: str, outcome: str, seconds: float, items: int = 0,
+            tokens: int = 0) -> None:
+    m = _get()
+    m["requests"].labels(operation, model, outcome).inc()
+    m["latency"].labels(operation, model).observe(seconds)
+    if items:
+        m["items"].labels(operation, model).inc(items)
+    if tokens:
+        m["tokens"].labels(operation, model).inc(tokens)
+
+
+def rejected(model: str, reason: str) -> None:
+    _get()["rejected"].labels(model, reason).inc()
+
+
+def image_failure(model: str) -> None:
+    _get()["image_failures"].labels(model).inc()
+
+
+def queue_depth(model: str, depth: int) -> None:
+    _get()["queue"].labels(model).set(depth)

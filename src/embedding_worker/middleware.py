@@ -1,0 +1,115 @@
+"""ASGI middleware around the whole BentoML app (OpenAI routes, /batch/*, docs, metrics):
+API-key auth, the request-body cap, and one log line per request.
+
+Added with `Service.add_asgi_middleware`, so it also guards BentoML's own routes, which the mounted
+OpenAI app never sees.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+
+from .config import Settings
+from .encoding import dumps
+from .errors import APIError, PayloadTooLarge, Unauthorized
+from .logs import begin_request, log_request
+
+Scope = dict[str, Any]
+PROBES = ("/livez", "/healthz", "/readyz")
+
+
+class RequestGuard:
+    def __init__(self, app: Any, settings: Settings):
+        self.app = app
+        self.keys = [key.encode() for key in settings.api_keys]
+        self.max_bytes = settings.max_request_bytes
+        self.log_requests = settings.log_requests
+        self.open_paths = PROBES if settings.metrics_require_auth else (*PROBES, "/metrics")
+        self.quiet_paths = (*PROBES, "/metrics")  # no log line for probes and scrapes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path: str = scope["path"]
+        if self.keys and path not in self.open_paths and not self._authorized(scope):
+            return await _send_error(send, Unauthorized(
+                "missing or invalid API key; send the header `Authorization: Bearer <key>`"
+            ))
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            return await _send_error(send, self._too_large(declared))
+
+        record = begin_request(scope["method"], path)
+        started = time.perf_counter()
+        response_started = False
+
+        async def send_tracking(message: dict[str, Any]) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                record.status = message["status"]
+            await send(message)
+
+        received = 0
+
+        async def receive_capped() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:  # a chunked body with no Content-Length
+                    raise self._too_large(received, at_least=True)
+            return message
+
+        try:
+            await self.app(scope, receive_capped, send_tracking)
+        except APIError as exc:  # raised by receive_capped under a route that did not map it
+            if response_started:
+                raise
+            await _send_error(send_tracking, exc)
+        finally:
+            record.latency_ms = round((time.perf_counter() - started) * 1000, 2)
+            if self.log_requests and path not in self.quiet_paths:
+                log_request(record)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = _header(scope, b"authorization")
+        scheme, _, token = (header or b"").partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        token = token.strip()
+        ok = False
+        for key in self.keys:  # every key compared, in constant time
+            ok |= hmac.compare_digest(key, token)
+        return ok
+
+    def _too_large(self, size: int, at_least: bool = False) -> PayloadTooLarge:
+        more = "more than " if at_least else ""
+        return PayloadTooLarge(
+            f"request body is {more}{size} bytes, at most {self.max_bytes} (MAX_REQUEST_BYTES)"
+        )
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+async def _send_error(send: Any, error: APIError) -> None:
+    body = dumps(error.envelope())
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
