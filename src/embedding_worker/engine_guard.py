@@ -52,6 +52,7 @@ class EngineGuard:
         self.last_batch = time.monotonic()
         self.pending = 0  # engine calls awaiting results
         self.last_fault = "the model returned NaN"
+        self.batches = 0  # batches finished, for tests and diagnostics
         self._unserved_since: float | None = None  # oldest work no finished batch came after
         for model in models:
             self._wrap(model)
@@ -71,6 +72,7 @@ class EngineGuard:
             self._unserved_since = None
 
     def _beat(self) -> None:
+        self.batches += 1
         self.last_batch = time.monotonic()
 
     def stalled_for(self) -> float:

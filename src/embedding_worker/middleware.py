@@ -33,14 +33,6 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path: str = scope["path"]
-        if self.keys and path not in self.open_paths and not self._authorized(scope):
-            return await _send_error(send, Unauthorized(
-                "missing or invalid API key; send the header `Authorization: Bearer <key>`"
-            ))
-        declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            return await _send_error(send, self._too_large(declared))
-
         record = begin_request(scope["method"], path)
         started = time.perf_counter()
         response_started = False
@@ -52,20 +44,18 @@ class RequestGuard:
                 record.status = message["status"]
             await send(message)
 
-        received = 0
-
-        async def receive_capped() -> dict[str, Any]:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:  # a chunked body with no Content-Length
-                    raise self._too_large(received, at_least=True)
-            return message
-
         try:
-            await self.app(scope, receive_capped, send_tracking)
-        except APIError as exc:  # raised by receive_capped under a route that did not map it
+            if self.keys and path not in self.open_paths and not self._authorized(scope):
+                raise Unauthorized(
+                    "missing or invalid API key; send the header `Authorization: Bearer <key>`"
+                )
+            declared = _content_length(scope)
+            if declared is not None and declared > self.max_bytes:
+                raise self._too_large(declared)
+            if declared is None and _header(scope, b"transfer-encoding") is not None:
+                receive = await self._buffered(receive)  # chunked: count before the app reads
+            await self.app(scope, receive, send_tracking)
+        except APIError as exc:
             if response_started:
                 raise
             await _send_error(send_tracking, exc)
@@ -73,6 +63,25 @@ class RequestGuard:
             record.latency_ms = round((time.perf_counter() - started) * 1000, 2)
             if self.log_requests and path not in self.quiet_paths:
                 log_request(record)
+
+    async def _buffered(self, receive: Any) -> Any:
+        """Read a body of unknown length under the cap, then replay it to the app."""
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                raise self._too_large(size, at_least=True)
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> dict[str, Any]:
+            return messages.pop(0) if messages else await receive()
+
+        return replay
 
     def _authorized(self, scope: Scope) -> bool:
         header = _header(scope, b"authorization")

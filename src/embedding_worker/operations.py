@@ -74,6 +74,7 @@ class Core:
         self.images = ImageFetcher(settings)
         self._dims: dict[str, int] = {}  # learnt from the first embedding of each model
         self.in_flight = 0  # embed/rerank requests being served (MAX_CONCURRENT_REQUESTS)
+        self.queued: dict[str, int] = defaultdict(int)  # admitted, unfinished items per model
 
     async def start(self) -> None:
         await self.images.start()
@@ -102,15 +103,17 @@ class Core:
                 f"the server is at its limit of {limit} concurrent requests "
                 f"(MAX_CONCURRENT_REQUESTS); retry shortly"
             )
-        queued = engine.overload_status().queue_absolute
-        if queued + items > self.settings.infinity_queue_size:
+        queued = self.queued[model]
+        # a request larger than the whole bound is still served when nothing else waits
+        if queued and queued + items > self.settings.infinity_queue_size:
             metrics.rejected(model, "queue")
             raise Overloaded(
-                f"model {model!r} has {queued} items queued and this request adds {items}, over "
+                f"model {model!r} has {queued} items waiting and this request adds {items}, over "
                 f"INFINITY_QUEUE_SIZE={self.settings.infinity_queue_size}; retry shortly"
             )
         served, outcome, start = _Served(), "error", time.perf_counter()
         self.in_flight += 1
+        self.queued[model] += items
         try:
             async with asyncio.timeout(self.settings.request_timeout):
                 yield served
@@ -129,6 +132,7 @@ class Core:
             raise
         finally:
             self.in_flight -= 1
+            self.queued[model] -= items
             metrics.queue_depth(model, engine.overload_status().queue_absolute)
             metrics.request(operation, model, outcome, time.perf_counter() - start,
                             items if outcome == "ok" else 0, served.tokens)
