@@ -132,3 +132,11 @@ def test_one_log_line_per_request_without_payload_or_key():
     assert second["status"] == 401 and "model" not in second
     text = "\n".join(lines)
     assert "secret" not in text and "first-key" not in text
+
+
+@pytest.mark.parametrize("configured", ["secret;", ";secret", "secret,,other"])
+def test_a_stray_separator_in_api_key_never_admits_an_empty_token(configured):
+    client, _ = app_with(api_key=configured)
+    for header in ("Bearer", "Bearer ", "bearer   "):
+        assert client.post("/v1/embeddings", headers={"Authorization": header}).status_code == 401
+    assert client.post("/v1/embeddings", headers={"Authorization": "Bearer secret"}).status_code == 200

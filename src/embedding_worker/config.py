@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import sys
 from dataclasses import dataclass
 from functools import cached_property
@@ -153,7 +154,7 @@ class Settings(BaseSettings):
 
     @cached_property
     def api_keys(self) -> tuple[str, ...]:
-        return tuple(_split(self.api_key.replace(",", ";")))
+        return tuple(key for key in _split(self.api_key.replace(",", ";")) if key)
 
     @cached_property
     def allowed_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -207,7 +208,7 @@ class Settings(BaseSettings):
 
         batch_sizes = []
         for raw in per_model("BATCH_SIZES", self.batch_sizes, ["32"]):
-            if not raw.isdigit() or int(raw) < 1:
+            if not re.fullmatch(r"[0-9]+", raw) or int(raw) < 1:
                 raise ConfigError(
                     f"BATCH_SIZES={self.batch_sizes!r}: {raw!r} is not a positive integer"
                 )

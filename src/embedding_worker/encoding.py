@@ -25,8 +25,10 @@ def truncate(matrix: np.ndarray, dimensions: int | None) -> np.ndarray:
     if dimensions is None or dimensions >= matrix.shape[1]:
         return matrix
     cut = matrix[:, :dimensions]
-    norms = np.linalg.norm(cut, axis=1, keepdims=True)
-    return cut / np.where(norms == 0, 1, norms)
+    # The norm in float64: float32 squares overflow above ~1.8e19 (the row became all zeros) and
+    # underflow below ~1e-19 (the row stayed un-normalised).
+    norms = np.linalg.norm(cut.astype(np.float64), axis=1, keepdims=True)
+    return (cut / np.where(norms == 0, 1, norms)).astype(cut.dtype, copy=False)
 
 
 def encode_rows(matrix: np.ndarray, encoding_format: str) -> list[Any]:

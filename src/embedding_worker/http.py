@@ -61,6 +61,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
         watcher.cancel()
         if not task.done():
             task.cancel(CLIENT_GONE)
+            await asyncio.wait({task})  # let the cancellation reach the engine call
     if task.cancelled():
         annotate(outcome=CLIENT_GONE)
         return None

@@ -3,8 +3,9 @@
 A public deployment must not become a proxy into its own network, nor be knocked over by one big
 or crafted image. So, by default: only http/https; every address a host resolves to must be public,
 and the connection goes to the vetted address (no second DNS lookup to rebind); redirects are
-followed by hand and each hop is vetted; bodies are streamed under a byte cap; the pixel count is
-read from the header before anything is decoded; the whole fetch has one deadline.
+followed by hand and each hop is vetted; bodies are streamed under a byte cap; the size (pixel
+count, smallest side, aspect ratio) is read from the header before anything is decoded; the whole
+fetch has one deadline. A body is judged by its content, not by the type its server claims.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ _BASE64 = re.compile(r"^[A-Za-z0-9+/=\r\n_-]+$")
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECTS = {301, 302, 303, 307, 308}
+# infinity's vision models refuse a side under 3 pixels (an unhandled error, so a 500); refused here
+_MIN_SIDE = 3
 
 
 class ImageError(Exception):
@@ -49,6 +52,10 @@ class ImagePolicy:
     timeout: float
     allow_private: bool
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    # long side / short side. CLIP-style processors scale the short side to the model's size
+    # before cropping, so a 3x40000 image (a few hundred bytes) would become 224 x 2,986,667
+    # pixels in memory (about 6 GB at peak in transformers' CLIPImageProcessor)
+    max_aspect_ratio: float = 20.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImagePolicy:
@@ -60,6 +67,7 @@ class ImagePolicy:
             timeout=settings.http_client_timeout,
             allow_private=settings.image_fetch_allow_private,
             allowed_networks=settings.allowed_networks,
+            max_aspect_ratio=settings.image_max_aspect_ratio,
         )
 
 
@@ -102,7 +110,31 @@ async def vet_host(host: str, port: int, policy: ImagePolicy) -> list[str]:
     return list(dict.fromkeys(str(ip) for ip in addresses))
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image:
+def _number(value: float) -> str:
+    """20.0 -> '20', 20.333 -> '20.33', 10000.0 -> '10000' (never '1e+04')."""
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def check_size(width: int, height: int, max_pixels: int, max_aspect_ratio: float) -> None:
+    """The limits that can be judged from the header alone, before any pixel is decoded."""
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels), over the "
+            f"limit of {max_pixels / 1e6:g} megapixels (IMAGE_MAX_PIXELS)"
+        )
+    short, long = sorted((width, height))
+    if short < _MIN_SIDE:
+        raise ImageError(
+            f"image is {width}x{height} pixels; each side must be at least {_MIN_SIDE} pixels"
+        )
+    if long > max_aspect_ratio * short:
+        raise ImageError(
+            f"image is {width}x{height} (aspect ratio {_number(long / short)}:1), over the limit "
+            f"of {_number(max_aspect_ratio)}:1 (IMAGE_MAX_ASPECT_RATIO)"
+        )
+
+
+def decode_image(data: bytes, max_pixels: int, max_aspect_ratio: float = 20.0) -> Image:
     """Bytes to an RGB image; the size is checked from the header before any pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 
@@ -110,15 +142,10 @@ def decode_image(data: bytes, max_pixels: int) -> Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels), over the "
-                    f"limit of {max_pixels / 1e6:g} megapixels (IMAGE_MAX_PIXELS)"
-                )
+            check_size(*image.size, max_pixels, max_aspect_ratio)
             image.load()
             return image.convert("RGB")
-    except ImageError:
+    except (ImageError, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # PIL refuses sizes far past its own limit already at open(), before we see the size
@@ -132,11 +159,13 @@ def decode_image(data: bytes, max_pixels: int) -> Image:
         raise ImageError("not a decodable image") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"not a decodable image ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - PIL on crafted bytes (e.g. a TIFF tag of the wrong type)
+        raise ImageError(f"not a decodable image ({type(exc).__name__})") from None
 
 
 def _b64decode(text: str, max_bytes: int, what: str) -> bytes:
     compact = re.sub(r"[\r\n]", "", text)  # MIME-style line breaks are fine; spaces are not
-    if len(compact) * 3 // 4 > max_bytes:
+    if len(compact.rstrip("=")) * 3 // 4 > max_bytes:  # padding is not data
         raise ImageError(f"{what} is larger than {max_bytes} bytes (IMAGE_MAX_BYTES)")
     try:
         return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
@@ -198,12 +227,13 @@ class ImageFetcher:
 
     async def _load(self, item: str) -> Image:
         item = item.strip()
+        note = ""  # the server's text/* type, to word the error if the body is no image after all
         if item.startswith("data:"):
             data = parse_data_uri(item, self.policy.max_bytes)
         elif item.lower().startswith(("http://", "https://")):
             try:
                 async with asyncio.timeout(self.policy.timeout):
-                    data = await self._fetch(item)
+                    data, note = await self._fetch(item)
             except TimeoutError:
                 raise ImageError(
                     f"fetching timed out after {self.policy.timeout:g} s (HTTP_CLIENT_TIMEOUT)"
@@ -216,9 +246,17 @@ class ImageFetcher:
             data = _b64decode(item, self.policy.max_bytes, "base64 image")
         else:
             raise ImageError("not an http(s) URL, a data URI or base64-encoded image data")
-        return await asyncio.to_thread(decode_image, data, self.policy.max_pixels)
+        try:
+            return await asyncio.to_thread(
+                decode_image, data, self.policy.max_pixels, self.policy.max_aspect_ratio
+            )
+        except ImageError as exc:
+            if note and str(exc).startswith("not a decodable image"):
+                raise ImageError(note) from None
+            raise
 
-    async def _fetch(self, url: str) -> bytes:
+    async def _fetch(self, url: str) -> tuple[bytes, str]:
+        """The body of `url` after any redirects, and a note when its type was text/*."""
         for _ in range(self.policy.max_redirects + 1):
             try:
                 target = httpx.URL(url)
@@ -260,12 +298,15 @@ class ImageFetcher:
                 break
         raise ImageError(f"could not fetch from {target.host}: {type(error).__name__}")
 
-    async def _read(self, response: httpx.Response, host: str) -> bytes:
+    async def _read(self, response: httpx.Response, host: str) -> tuple[bytes, str]:
         if not response.is_success:
             raise ImageError(f"HTTP {response.status_code} from {host}")
+        # The body is judged by its content (a misconfigured bucket may label a PNG text/plain);
+        # a text/* type only words the error when the body is not an image after all.
         content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        note = ""
         if content_type.startswith("text/"):
-            raise ImageError(f"not an image: {host} sent content-type {content_type}")
+            note = f"not an image: {host} sent content-type {content_type}"
         limit = self.policy.max_bytes
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -278,4 +319,4 @@ class ImageFetcher:
                     raise ImageError(f"larger than {limit} bytes (IMAGE_MAX_BYTES)")
         except httpx.HTTPError as exc:
             raise ImageError(f"could not fetch from {host}: {type(exc).__name__}") from None
-        return bytes(body)
+        return bytes(body), note

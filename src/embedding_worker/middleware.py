@@ -8,6 +8,7 @@ OpenAI app never sees.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from .encoding import dumps
 from .errors import APIError, PayloadTooLarge, Unauthorized
 from .logs import begin_request, log_request
 
+logger = logging.getLogger("embedding_worker")
 Scope = dict[str, Any]
 PROBES = ("/livez", "/healthz", "/readyz")
 
@@ -34,6 +36,8 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         path: str = scope["path"]
         record = begin_request(scope["method"], path)
+        if path not in self.quiet_paths:
+            logger.debug("request started %s %s", scope["method"], path)
         started = time.perf_counter()
         response_started = False
 
@@ -89,6 +93,8 @@ class RequestGuard:
         if scheme.lower() != b"bearer":
             return False
         token = token.strip()
+        if not token:
+            return False
         ok = False
         for key in self.keys:  # every key compared, in constant time
             ok |= hmac.compare_digest(key, token)

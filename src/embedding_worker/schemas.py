@@ -38,7 +38,7 @@ def check_texts(value: Any, field: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
     elif not isinstance(value, list):
-        raise _invalid(f"{field}: expected a string or a list of strings, got {type(value).__name__}")
+        raise _invalid(f"{field}: expected a string or a list of strings, got {type_name(value)}")
     if not value:
         raise _invalid(f"{field}: must not be empty")
     if _is_token_ids(value):
@@ -105,6 +105,8 @@ class RerankRequest(_Request):
     def _documents(cls, value: Any) -> list[str]:
         if isinstance(value, str):
             raise _invalid("documents: expected a list of strings, got a single string")
+        if not isinstance(value, list):  # check_texts would say "a string or a list of strings"
+            raise _invalid(f"documents: expected a list of strings, got {type_name(value)}")
         return check_texts(value, "documents")
 
 
