@@ -190,3 +190,32 @@ def test_openai_proxy_paths_over_http(client):
     assert r.status_code == 200
     r = client.post("/openai/v1/rerank", json={"model": "tiny-rerank", "query": "q", "docs": ["a", "b"]})
     assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+
+async def test_each_job_logs_one_structured_line(handler):
+    import logging
+
+    import orjson
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger, collect = logging.getLogger("embedding_worker"), Collect(logging.INFO)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(collect)
+    try:
+        await run(handler, {"model": MINILM, "input": ["secret words", "more"]})
+        await run(handler, {"openai_route": "/v1/embeddings", "openai_input": {"model": "nope", "input": "x"}})
+    finally:
+        logger.removeHandler(collect)
+        logger.setLevel(level)
+    ok, missing = (orjson.loads(line.removeprefix("request ")) for line in lines
+                   if line.startswith("request "))
+    assert (ok["route"], ok["model"], ok["items"], ok["status"]) == ("job", MINILM, 2, 200)
+    assert ok["tokens"] > 0 and ok["latency_ms"] > 0
+    assert (missing["route"], missing["status"]) == ("/v1/embeddings", 404)
+    assert not any("secret" in line for line in lines)
