@@ -130,9 +130,9 @@ def create_app() -> FastAPI:
         if exc.status_code == 404:
             return error_response(NotFound(f"no route {request.method} {request.url.path}"))
         if exc.status_code == 405:
-            return error_response(
-                MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}")
-            )
+            error = MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}")
+            error.headers = dict(exc.headers or {})  # Allow
+            return error_response(error)
         return error_response(InternalError(f"internal error: HTTP {exc.status_code} {exc.detail}"))
 
     @app.exception_handler(Exception)
@@ -181,7 +181,9 @@ def create_app() -> FastAPI:
             job.update(status="FAILED", error=exc.message)
         return Response(dumps(job), media_type=JSON)
 
+    # caller mistakes inside `input` come back as a FAILED job (200); the body itself can be a 4xx
     app.add_api_route("/runsync", runsync, methods=["POST"], response_model=RunSyncResponse,
+                      responses={s: _ERRORS[s] for s in (400, 401, 413, 503)},
                       openapi_extra=_body_doc(RunSyncRequest))
 
     async def models(request: Request) -> Response:
@@ -195,8 +197,12 @@ def create_app() -> FastAPI:
         # Last route of the mounted app: BentoML's own routes match first, everything else
         # gets the envelope (405 where the path exists with another method).
         scope = {**request.scope, "method": "*"}
-        if any(r.matches(scope)[0].value and r.path != "/{path:path}" for r in app.routes):  # type: ignore[attr-defined]
-            raise StarletteHTTPException(405)
+        allowed = sorted({
+            method for r in app.routes if r.path != "/{path:path}" and r.matches(scope)[0].value  # type: ignore[attr-defined]
+            for method in (getattr(r, "methods", None) or ())
+        })
+        if allowed:
+            raise StarletteHTTPException(405, headers={"Allow": ", ".join(allowed)})
         raise StarletteHTTPException(404)
 
     app.add_api_route("/{path:path}", unknown_route, include_in_schema=False,
