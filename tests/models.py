@@ -9,7 +9,7 @@ from embedding_worker.config import bundled_model_path
 HIDDEN = 32
 
 
-def _tiny_bert_config(max_position_embeddings_override: int = 512, **extra):
+def _tiny_bert_config(**extra):
     from transformers import BertConfig
 
     return BertConfig(
@@ -18,20 +18,19 @@ def _tiny_bert_config(max_position_embeddings_override: int = 512, **extra):
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=max_position_embeddings_override,
-        **extra,
+        **{"max_position_embeddings": 512, **extra},
     )
 
 
-def make_tiny_embedder(path: Path) -> Path:
-    """A BERT embedder in sentence-transformers layout (mean pooling + normalise)."""
+def make_tiny_embedder(path: Path, *, positions: int = 512, seed: int = 0) -> Path:
+    """A BERT embedder in sentence-transformers layout (mean pooling + normalise), 128 tokens."""
     import torch
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, BertModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     raw = path / "raw"
-    BertModel(_tiny_bert_config()).save_pretrained(raw)
+    BertModel(_tiny_bert_config(max_position_embeddings=positions)).save_pretrained(raw)
     AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(raw)
     transformer = models.Transformer(str(raw), max_seq_length=128)
     st = SentenceTransformer(
@@ -45,20 +44,7 @@ def make_faulty_embedder(path: Path) -> Path:
     """A broken model, as found in the wild: its sentence-transformers config claims 128 tokens
     but the BERT has position embeddings for 16, so the forward pass raises on any text longer
     than 16 tokens (and works on shorter ones)."""
-    import torch
-    from sentence_transformers import SentenceTransformer, models
-    from transformers import AutoTokenizer, BertModel
-
-    torch.manual_seed(2)
-    raw = path / "raw"
-    BertModel(_tiny_bert_config(max_position_embeddings_override=16)).save_pretrained(raw)
-    AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(raw)
-    transformer = models.Transformer(str(raw), max_seq_length=128)
-    st = SentenceTransformer(
-        modules=[transformer, models.Pooling(HIDDEN, "mean"), models.Normalize()], device="cpu"
-    )
-    st.save(str(path))
-    return path
+    return make_tiny_embedder(path, positions=16, seed=2)
 
 
 def make_tiny_reranker(path: Path) -> Path:
