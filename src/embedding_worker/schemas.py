@@ -7,9 +7,9 @@ Checks that need the running engines (model exists, has the capability, `dimensi
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 MODALITIES = ("text", "image", "audio")
@@ -62,9 +62,16 @@ class _Request(BaseModel):
     model: str = Field(min_length=1)
 
 
+# What the validators accept, stated in the OpenAPI document (client generators and fuzzers read it)
+_TEXT = {"type": "string", "minLength": 1, "pattern": r"\S"}
+_TEXTS = {"type": "array", "items": _TEXT, "minItems": 1}
+
+
 class EmbeddingRequest(_Request):
-    input: str | list[str]  # always a list after validation; the union documents what is accepted
-    modality: str = "text"
+    # always a list after validation; the union documents what is accepted
+    input: Annotated[str | list[str], WithJsonSchema({"anyOf": [_TEXT, _TEXTS]})]
+    modality: Annotated[str, WithJsonSchema({"type": "string", "enum": list(MODALITIES),
+                                             "default": "text"})] = "text"
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
@@ -85,9 +92,10 @@ class EmbeddingRequest(_Request):
 
 
 class RerankRequest(_Request):
-    query: str = Field(min_length=1)
-    documents: list[str] = Field(validation_alias=AliasChoices("documents", "docs"))
-    top_n: int | None = Field(None, ge=1)
+    query: Annotated[str, WithJsonSchema(_TEXT)] = Field(min_length=1)
+    documents: Annotated[list[str], WithJsonSchema(_TEXTS)] = Field(
+        validation_alias=AliasChoices("documents", "docs"))
+    top_n: int | None = Field(None, ge=1, le=2**31 - 1)
     return_documents: bool = Field(
         False, validation_alias=AliasChoices("return_documents", "return_docs")
     )
