@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import metrics
+
 logger = logging.getLogger("embedding_worker")
 
 
@@ -71,9 +73,10 @@ class EngineGuard:
         if abandoned and self.pending == 0:
             self._unserved_since = None
 
-    def _beat(self) -> None:
+    def _beat(self, size: int) -> None:
         self.batches += 1
         self.last_batch = time.monotonic()
+        metrics.batch_size(self.name, size)
 
     def stalled_for(self) -> float:
         """Seconds that submitted work has waited without any batch finishing (0 if none)."""
@@ -127,7 +130,7 @@ class EngineGuard:
                 done = guarded(post)(batch)
                 return done.value if done.value is not None else [one(i) for i in batch.items]
             finally:
-                self._beat()
+                self._beat(len(batch.items))
 
         model.encode_pre = encode_pre
         model.encode_core = core_stage

@@ -171,6 +171,12 @@ class Engines:
         """Models whose batch loop has left work waiting past ENGINE_STALL_TIMEOUT."""
         return [name for name, guard in self.guards.items() if guard.stalled]
 
+    def usage(self, name: str, texts: list[str]) -> int:
+        """Tokens the model sees for `texts`, special tokens excluded: infinity's own count
+        (capped at the window, see `_count_usage_as_truncated`). Blocking: call in a thread."""
+        assert self._array is not None
+        return int(sum(self._array[name]._model_replicas[0].tokenize_lengths(texts)))
+
     def count_tokens(self, name: str, texts: list[str], pairs_with: str | None = None) -> list[int] | None:
         """Tokens per text (or per `(pairs_with, text)` pair) as the model would see them before
         truncation, special tokens included; None when the model has no text tokenizer.

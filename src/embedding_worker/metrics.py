@@ -36,6 +36,8 @@ def _get() -> dict[str, Any]:
                                        "Image inputs that could not be fetched or decoded", ["model"]),
                 queue=Gauge(PREFIX + "queue_depth", "Items waiting in the model's queue", ["model"],
                             multiprocess_mode="livesum"),
+                batch=Histogram(PREFIX + "batch_size", "Items per batch the model computed", ["model"],
+                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)),
                 latency=Histogram(PREFIX + "request_seconds", "Time in the core per request",
                                   ["operation", "model"],
                                   buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)),
@@ -64,3 +66,7 @@ def image_failure(model: str) -> None:
 
 def queue_depth(model: str, depth: int) -> None:
     _get()["queue"].labels(model).set(depth)
+
+
+def batch_size(model: str, size: int) -> None:
+    _get()["batch"].labels(model).observe(size)

@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ValidationError
 
 from . import metrics
+from .coalesce import Coalescer
 from .config import Settings
 from .encoding import as_matrix, encode_rows, truncate
 from .engine_guard import Fault, is_fault
@@ -55,6 +56,9 @@ def _usage(tokens: int) -> dict[str, int]:
     return {"prompt_tokens": int(tokens), "total_tokens": int(tokens)}
 
 
+# Requests up to this many characters count their tokens on the event loop (~20 µs per short text).
+_INLINE_TOKENIZE_CHARS = 2000
+
 # The message a transport cancels an operation with when its caller went away.
 CLIENT_GONE = "client disconnected"
 
@@ -75,6 +79,7 @@ class Core:
         self._dims: dict[str, int] = {}  # learnt from the first embedding of each model
         self.in_flight = 0  # embed/rerank requests being served (MAX_CONCURRENT_REQUESTS)
         self.queued: dict[str, int] = defaultdict(int)  # admitted, unfinished items per model
+        self._coalescers: dict[str, Coalescer] = {}
 
     async def start(self) -> None:
         await self.images.start()
@@ -151,6 +156,29 @@ class Core:
         finally:
             guard.finished(abandoned=abandoned)
 
+    async def _embed_texts(self, model: str, texts: list[str]) -> tuple[list[Any], int]:
+        """Text embeddings for one request. While fewer items wait than make one batch, infinity
+        would run tiny batches, so concurrent requests go through the model's coalescer and share
+        engine calls (their usage counted here: a merged call reports only the total); with a
+        batch's worth waiting, infinity batches well by itself and the request goes direct."""
+        engine = self.engines.get(model)
+        batch_size = engine.engine_args.batch_size
+        if self.queued[model] > batch_size:
+            return await engine.embed(sentences=texts)
+        coalescer = self._coalescers.get(model)
+        if coalescer is None:
+            coalescer = self._coalescers[model] = Coalescer(
+                lambda batch: engine.embed(sentences=batch),
+                max_in_flight=2,  # one computing, one being tokenised
+                max_items=batch_size,
+            )
+        if sum(map(len, texts)) <= _INLINE_TOKENIZE_CHARS:
+            # a few short texts tokenise in microseconds: cheaper than a hop to a thread
+            return await coalescer.embed(texts), self.engines.usage(model, texts)
+        rows, tokens = await asyncio.gather(coalescer.embed(texts),
+                                            asyncio.to_thread(self.engines.usage, model, texts))
+        return rows, tokens
+
     def _check_text(self, model: str, field: str, texts: list[str]) -> None:
         limit = self.settings.max_text_chars
         for i, text in enumerate(texts):
@@ -207,7 +235,8 @@ class Core:
                 embeddings, tokens = await self._compute(request.model, engine.image_embed(images=images))
             else:
                 await self._check_window(request.model, "input", request.input)
-                embeddings, tokens = await self._compute(request.model, engine.embed(sentences=request.input))
+                embeddings, tokens = await self._compute(
+                    request.model, self._embed_texts(request.model, request.input))
             _raise_faults(self.engines, request.model, "input", embeddings)
             served.tokens = tokens
         matrix = as_matrix(embeddings)
