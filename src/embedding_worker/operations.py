@@ -56,6 +56,8 @@ def _usage(tokens: int) -> dict[str, int]:
     return {"prompt_tokens": int(tokens), "total_tokens": int(tokens)}
 
 
+# Texts up to this long are merged across requests (a short text's cost is mostly per batch).
+_COALESCE_MAX_CHARS = 256
 # Requests up to this many characters count their tokens on the event loop (~20 µs per short text).
 _INLINE_TOKENIZE_CHARS = 2000
 
@@ -158,12 +160,14 @@ class Core:
 
     async def _embed_texts(self, model: str, texts: list[str]) -> tuple[list[Any], int]:
         """Text embeddings for one request. While fewer items wait than make one batch, infinity
-        would run tiny batches, so concurrent requests go through the model's coalescer and share
-        engine calls (their usage counted here: a merged call reports only the total); with a
-        batch's worth waiting, infinity batches well by itself and the request goes direct."""
+        would run tiny batches, so concurrent requests of short texts go through the model's
+        coalescer and share engine calls (their usage counted here: a merged call reports only the
+        total). Long texts go direct: their cost is per token, flat from batch 4 on, and merged
+        with short ones they would pad them. So does everything once a batch's worth waits:
+        infinity then batches well by itself."""
         engine = self.engines.get(model)
         batch_size = engine.engine_args.batch_size
-        if self.queued[model] > batch_size:
+        if self.queued[model] > batch_size or max(map(len, texts)) > _COALESCE_MAX_CHARS:
             return await engine.embed(sentences=texts)
         coalescer = self._coalescers.get(model)
         if coalescer is None:
