@@ -148,6 +148,7 @@ def test_log_lines_and_metrics(guarded):
         r'embedding_worker_tokens_total\{model="tiny-rerank",operation="rerank"\} [1-9]',
         r'embedding_worker_rejected_requests_total\{model="tiny-embed",reason="concurrency"\} [1-9]',
         r'embedding_worker_queue_depth\{model="tiny-rerank"\} 0',
+        r'embedding_worker_batch_size_count\{model="tiny-rerank"\} [1-9]',
         r'embedding_worker_requests_total\{model="faulty",operation="embed",outcome="error"\} [1-9]',
     ]:
         assert re.search(pattern, metrics), pattern
