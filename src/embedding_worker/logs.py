@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -47,10 +50,19 @@ class RequestRecord:
 _record: ContextVar[RequestRecord | None] = ContextVar("request_record", default=None)
 
 
-def begin_request(method: str, route: str) -> RequestRecord:
+@contextmanager
+def request_log(method: str, route: str, enabled: bool = True) -> Iterator[RequestRecord]:
+    """The current request's record, timed and logged as one line when the request ends (both
+    transports); the transport sets `status`, the core fills in model, items and tokens."""
     record = RequestRecord(method, route)
     _record.set(record)
-    return record
+    started = time.perf_counter()
+    try:
+        yield record
+    finally:
+        record.latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        if enabled:
+            log_request(record)
 
 
 def annotate(**facts: Any) -> None:

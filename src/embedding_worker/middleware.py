@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
 from typing import Any
 
 from .config import Settings
 from .encoding import dumps
 from .errors import APIError, PayloadTooLarge, Unauthorized
-from .logs import begin_request, log_request
+from .logs import request_log
 
 logger = logging.getLogger("embedding_worker")
 Scope = dict[str, Any]
@@ -35,38 +34,34 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path: str = scope["path"]
-        record = begin_request(scope["method"], path)
         if path not in self.quiet_paths:
             logger.debug("request started %s %s", scope["method"], path)
-        started = time.perf_counter()
-        response_started = False
+        logged = self.log_requests and path not in self.quiet_paths
+        with request_log(scope["method"], path, logged) as record:
+            response_started = False
 
-        async def send_tracking(message: dict[str, Any]) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-                record.status = message["status"]
-            await send(message)
+            async def send_tracking(message: dict[str, Any]) -> None:
+                nonlocal response_started
+                if message["type"] == "http.response.start":
+                    response_started = True
+                    record.status = message["status"]
+                await send(message)
 
-        try:
-            if self.keys and path not in self.open_paths and not self._authorized(scope):
-                raise Unauthorized(
-                    "missing or invalid API key; send the header `Authorization: Bearer <key>`"
-                )
-            declared = _content_length(scope)
-            if declared is not None and declared > self.max_bytes:
-                raise self._too_large(declared)
-            if declared is None and _header(scope, b"transfer-encoding") is not None:
-                receive = await self._buffered(receive)  # chunked: count before the app reads
-            await self.app(scope, receive, send_tracking)
-        except APIError as exc:
-            if response_started:
-                raise
-            await _send_error(send_tracking, exc)
-        finally:
-            record.latency_ms = round((time.perf_counter() - started) * 1000, 2)
-            if self.log_requests and path not in self.quiet_paths:
-                log_request(record)
+            try:
+                if self.keys and path not in self.open_paths and not self._authorized(scope):
+                    raise Unauthorized(
+                        "missing or invalid API key; send the header `Authorization: Bearer <key>`"
+                    )
+                declared = _content_length(scope)
+                if declared is not None and declared > self.max_bytes:
+                    raise self._too_large(declared)
+                if declared is None and _header(scope, b"transfer-encoding") is not None:
+                    receive = await self._buffered(receive)  # chunked: count before the app reads
+                await self.app(scope, receive, send_tracking)
+            except APIError as exc:
+                if response_started:
+                    raise
+                await _send_error(send_tracking, exc)
 
     async def _buffered(self, receive: Any) -> Any:
         """Read a body of unknown length under the cap, then replay it to the app."""

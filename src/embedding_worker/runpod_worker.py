@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from .config import Settings
 from .encoding import jsonable
 from .errors import APIError
-from .logs import begin_request, log_request
+from .logs import request_log
 from .operations import Core
 
 logger = logging.getLogger("embedding_worker")
@@ -21,24 +20,20 @@ def make_handler(core: Core):
         await core.start()
         job_input = job.get("input")
         route = job_input.get("openai_route", "job") if isinstance(job_input, dict) else "job"
-        record, started = begin_request("JOB", str(route)), time.perf_counter()
-        record.status = 500
-        try:
-            # The SDK posts results with json.dumps and silently drops what it cannot serialise
-            # (the client then waits forever): hand it plain Python only.
-            output = jsonable(await core.dispatch(job_input))
-            record.status = 200
-            return output
-        except APIError as exc:
-            record.status = exc.status  # the HTTP status the same error would have had
-            return {"error": exc.message}  # a top-level "error" string fails the job
-        except Exception as exc:
-            logger.exception("job %s failed", job.get("id"))
-            return {"error": f"internal error: {type(exc).__name__}: {exc}"}
-        finally:
-            record.latency_ms = round((time.perf_counter() - started) * 1000, 2)
-            if core.settings.log_requests:
-                log_request(record)
+        with request_log("JOB", str(route), core.settings.log_requests) as record:
+            record.status = 500
+            try:
+                # The SDK posts results with json.dumps and silently drops what it cannot
+                # serialise (the client then waits forever): hand it plain Python only.
+                output = jsonable(await core.dispatch(job_input))
+                record.status = 200
+                return output
+            except APIError as exc:
+                record.status = exc.status  # the HTTP status the same error would have had
+                return {"error": exc.message}  # a top-level "error" string fails the job
+            except Exception as exc:
+                logger.exception("job %s failed", job.get("id"))
+                return {"error": f"internal error: {type(exc).__name__}: {exc}"}
 
     return handler
 
