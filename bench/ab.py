@@ -1,15 +1,24 @@
-"""A/B of one server setting on one load cell: the same `bentoml serve`, started once per variant,
-alternating A, B, A, B so drift hits both.
+"""A/B of one server setting or one code change on one load cell: the same `bentoml serve`,
+started once per variant, alternating A, B, A, B so drift hits both.
+
+A variant is `VAR=value` (an environment setting) or `@REV` (that git revision, checked out into
+a temporary worktree and served from there; `@` alone is the working tree).
 
     .venv/bin/python bench/ab.py LOG_REQUESTS=true LOG_REQUESTS=false [--concurrency 4] [--seconds 8]
+    .venv/bin/python bench/ab.py @HEAD~1 @ --size 8 --concurrency 16
+
+`--size 0` (default) sends one short query per request; `--size N` sends N texts of the
+benchmark's mix (half short queries, half passages), as `bench/run.py` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,8 +26,24 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 
 from load import run_cell  # noqa: E402
 from server import BentoServer  # noqa: E402
+from workload import texts  # noqa: E402
 
-from embedding_worker.config import BUNDLED_MODEL_ID  # noqa: E402
+from embedding_worker.config import BUNDLED_MODEL_ID, bundled_model_path  # noqa: E402
+
+
+def checkout(stack: ExitStack, variant: str) -> tuple[dict[str, str], Path]:
+    """The environment and the root to serve a variant from."""
+    if not variant.startswith("@"):
+        key, _, value = variant.partition("=")
+        return {key: value}, ROOT
+    if variant == "@":
+        return {}, ROOT
+    tree = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree),
+                    variant[1:]], check=True)
+    stack.callback(subprocess.run, ["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                                    str(tree)], check=False)
+    return {}, tree
 
 
 def main() -> None:
@@ -28,25 +53,30 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--size", type=int, default=0)
     args = parser.parse_args()
 
-    def body(i: int) -> tuple[dict, int, int]:
-        return {"model": BUNDLED_MODEL_ID, "input": [f"short query number {i}"]}, 1, 0
+    corpus = texts(str(Path(bundled_model_path()) / "vocab.txt"), 2048)
 
-    rows = []
-    for _ in range(args.rounds):
-        for variant in (args.a, args.b):
-            key, _, value = variant.partition("=")
-            with tempfile.TemporaryDirectory() as tmp:
-                srv = BentoServer({key: value}, Path(tmp) / "server.log").start()
-                try:
-                    cell = asyncio.run(run_cell(srv.url, "/v1/embeddings", body, args.concurrency,
-                                                args.seconds)).summary()
-                finally:
-                    srv.stop()
-            rows.append((variant, cell))
-            print(f"{variant}: {cell['items_per_s']:.1f} items/s, p50 {cell['p50_ms']:.1f} ms, "
-                  f"errors {cell['errors']}", flush=True)
+    def body(i: int) -> tuple[dict, int, int]:
+        if not args.size:
+            return {"model": BUNDLED_MODEL_ID, "input": [f"short query number {i}"]}, 1, 0
+        start = (i * args.size) % (len(corpus) - args.size)
+        return {"model": BUNDLED_MODEL_ID, "input": corpus[start:start + args.size]}, args.size, 0
+
+    with ExitStack() as stack:
+        variants = {v: checkout(stack, v) for v in (args.a, args.b)}
+        for _ in range(args.rounds):
+            for variant, (env, root) in variants.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    srv = BentoServer(env, Path(tmp) / "server.log", root=root).start()
+                    try:
+                        cell = asyncio.run(run_cell(srv.url, "/v1/embeddings", body,
+                                                    args.concurrency, args.seconds)).summary()
+                    finally:
+                        srv.stop()
+                print(f"{variant}: {cell['items_per_s']:.1f} items/s, p50 {cell['p50_ms']:.1f} ms, "
+                      f"p99 {cell['p99_ms']:.1f} ms, errors {cell['errors']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,9 @@ def targets(models: dict[str, Path], out: Path) -> list[Target]:
                 INFINITY_ANONYMOUS_USAGE_STATS="0")
     names = f"{models['minilm']};{models['reranker']}"
     ours = {**base, "PORT": str(free_port()), "MODEL_NAMES": names,
-            "SERVED_MODEL_NAMES": "minilm;reranker", "HOST": "127.0.0.1"}
+            "SERVED_MODEL_NAMES": "minilm;reranker", "HOST": "127.0.0.1",
+            # Infinity's server has no deadline; at c=64 x 64 texts queues here reach ~70 s
+            "REQUEST_TIMEOUT": "600"}
     port = free_port()
     theirs = {**base, "PORT": str(port)}
     return [
@@ -184,22 +186,43 @@ def ceiling(models: dict[str, Path], corpus: list[str], quick: bool) -> dict:
     return {"embed_items_per_s": best_embed, "rerank_pairs_per_s": best_rerank}
 
 
-def measure(target: Target, cells: list[dict], corpus, tokens, duration: float) -> dict:
-    result = {"name": target.name, **target.start(), "cells": []}
+def measure(targets: list[Target], cells: list[dict], corpus, tokens, duration: float,
+            cold_rounds: int) -> list[dict]:
+    """Cold starts first, each server alone on the machine, alternating; then every cell on each
+    server in turn with both up (alternating which goes first), so that the machine's drift over
+    the run hits both alike: the machine this runs on is shared and its speed wanders."""
+    results = {t.name: {"name": t.name, "cells": []} for t in targets}
+    starts: dict[str, list[dict]] = {t.name: [] for t in targets}
+    for _ in range(cold_rounds):
+        for target in targets:
+            try:
+                starts[target.name].append(target.start())
+            finally:
+                target.stop()
+    for target in targets:
+        for key in starts[target.name][0]:
+            values = sorted(s[key] for s in starts[target.name])
+            results[target.name][key] = values[len(values) // 2]  # median
+            results[target.name][key + "_all"] = values
     try:
-        for cell in cells:
-            path = target.prefix + ("/embeddings" if cell["kind"] == "embed" else "/rerank")
-            outcome = asyncio.run(run_cell(target.url, path, body_maker(cell, corpus, tokens),
-                                           cell["concurrency"], duration))
-            row = {**cell, **outcome.summary()}
-            result["cells"].append(row)
-            print(f"{target.name:9s} {cell['kind']:6s} c={cell['concurrency']:<3d} n={cell['size']:<3d} "
-                  f"{cell['format']:6s} {row['items_per_s']:8.1f} items/s  p50 {row['p50_ms']:7.1f} ms  "
-                  f"errors {row['errors']}", flush=True)
+        for target in targets:
+            target.start()
+        for i, cell in enumerate(cells):
+            for target in targets if i % 2 == 0 else targets[::-1]:
+                path = target.prefix + ("/embeddings" if cell["kind"] == "embed" else "/rerank")
+                outcome = asyncio.run(run_cell(target.url, path, body_maker(cell, corpus, tokens),
+                                               cell["concurrency"], duration))
+                row = {**cell, **outcome.summary()}
+                results[target.name]["cells"].append(row)
+                print(f"{target.name:9s} {cell['kind']:6s} c={cell['concurrency']:<3d} "
+                      f"n={cell['size']:<3d} {cell['format']:6s} {row['items_per_s']:8.1f} items/s  "
+                      f"p50 {row['p50_ms']:7.1f} ms  errors {row['errors']}", flush=True)
     finally:
-        target.stop()
-    result["peak_rss_mb"] = target.peak_rss / 2**20
-    return result
+        for target in targets:
+            target.stop()
+    for target in targets:
+        results[target.name]["peak_rss_mb"] = target.peak_rss / 2**20
+    return list(results.values())
 
 
 def main() -> None:
@@ -207,6 +230,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter cells (a smoke run)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--only", choices=["worker", "infinity"], help="one server only")
+    parser.add_argument("--cold-starts", type=int, default=3, help="cold starts per server (median)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not INFINITY_PY.exists() and args.only != "worker":
@@ -233,10 +257,8 @@ def main() -> None:
         "targets": [],
     }
     print("ceiling", report["ceiling"], flush=True)
-    for target in targets(models, args.out):
-        if args.only and target.name != args.only:
-            continue
-        report["targets"].append(measure(target, cells, corpus, tokens, duration))
+    chosen = [t for t in targets(models, args.out) if not args.only or t.name == args.only]
+    report["targets"] = measure(chosen, cells, corpus, tokens, duration, args.cold_starts)
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
     from report import write_report
 

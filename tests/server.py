@@ -33,11 +33,15 @@ def clean_env(**extra: str) -> dict[str, str]:
 class BentoServer:
     """Starts `bentoml serve` from the repo root with the given environment; logs to a file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, unset: tuple[str, ...] = ()):
+    def __init__(self, env: dict[str, str], log_path: Path, unset: tuple[str, ...] = (),
+                 root: Path = ROOT):
+        self.root = root  # another checkout's root serves that checkout's code (bench/ab.py)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.env = {k: v for k, v in clean_env(**env).items() if k not in unset}
+        if root != ROOT:
+            self.env["PYTHONPATH"] = str(root / "src")
         self.proc: subprocess.Popen | None = None
 
     def launch(self) -> "BentoServer":
@@ -45,7 +49,7 @@ class BentoServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "service:InfinityEmbedding",
              "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=self.root, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         return self

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ValidationError
 
 from . import metrics
-from .coalesce import Coalescer
+from .batching import LengthBatcher
 from .config import Settings
 from .encoding import as_matrix, encode_rows, truncate
 from .engine_guard import Fault, is_fault
@@ -56,8 +56,6 @@ def _usage(tokens: int) -> dict[str, int]:
     return {"prompt_tokens": int(tokens), "total_tokens": int(tokens)}
 
 
-# Texts up to this long are merged across requests (a short text's cost is mostly per batch).
-_COALESCE_MAX_CHARS = 256
 # Requests up to this many characters count their tokens on the event loop (~20 µs per short text).
 _INLINE_TOKENIZE_CHARS = 2000
 
@@ -81,7 +79,7 @@ class Core:
         self._dims: dict[str, int] = {}  # learnt from the first embedding of each model
         self.in_flight = 0  # embed/rerank requests being served (MAX_CONCURRENT_REQUESTS)
         self.queued: dict[str, int] = defaultdict(int)  # admitted, unfinished items per model
-        self._coalescers: dict[str, Coalescer] = {}
+        self._batchers: dict[str, LengthBatcher] = {}
 
     async def start(self) -> None:
         await self.images.start()
@@ -159,27 +157,20 @@ class Core:
             guard.finished(abandoned=abandoned)
 
     async def _embed_texts(self, model: str, texts: list[str]) -> tuple[list[Any], int]:
-        """Text embeddings for one request. While fewer items wait than make one batch, infinity
-        would run tiny batches, so concurrent requests of short texts go through the model's
-        coalescer and share engine calls (their usage counted here: a merged call reports only the
-        total). Long texts go direct: their cost is per token, flat from batch 4 on, and merged
-        with short ones they would pad them. So does everything once a batch's worth waits:
-        infinity then batches well by itself."""
-        engine = self.engines.get(model)
-        batch_size = engine.engine_args.batch_size
-        if self.queued[model] > batch_size or max(map(len, texts)) > _COALESCE_MAX_CHARS:
-            return await engine.embed(sentences=texts)
-        coalescer = self._coalescers.get(model)
-        if coalescer is None:
-            coalescer = self._coalescers[model] = Coalescer(
+        """Text embeddings for one request, through the model's `LengthBatcher` (which forms the
+        engine's batches from every waiting text by length), and the request's own usage."""
+        batcher = self._batchers.get(model)
+        if batcher is None:
+            engine = self.engines.get(model)
+            batcher = self._batchers[model] = LengthBatcher(
                 lambda batch: engine.embed(sentences=batch),
                 max_in_flight=2,  # one computing, one being tokenised
-                max_items=batch_size,
+                max_items=engine.engine_args.batch_size,
             )
         if sum(map(len, texts)) <= _INLINE_TOKENIZE_CHARS:
             # a few short texts tokenise in microseconds: cheaper than a hop to a thread
-            return await coalescer.embed(texts), self.engines.usage(model, texts)
-        rows, tokens = await asyncio.gather(coalescer.embed(texts),
+            return await batcher.embed(texts), self.engines.usage(model, texts)
+        rows, tokens = await asyncio.gather(batcher.embed(texts),
                                             asyncio.to_thread(self.engines.usage, model, texts))
         return rows, tokens
 

@@ -1,0 +1,159 @@
+"""Form a model's text batches ourselves: from everything waiting, texts of similar length.
+
+infinity commits arriving items to batches early (several batches ahead of the model), each from
+whatever arrived meanwhile. With concurrent requests of mixed lengths, short texts then ride in
+batches padded to the longest passage, and on a CPU the model's cost is per padded token: half
+the throughput or less (docs/performance.md). Here texts wait in our queue while engine calls
+run. The next call takes the oldest waiting text (so nothing starves) and those closest to it in
+length, as many as pad little (lengths in characters: a cheap stand-in for tokens). An idle
+engine is called at once, so a lone request pays nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from itertools import accumulate
+from typing import Any
+
+EngineCall = Callable[[list[str]], Awaitable[tuple[list[Any], int]]]
+
+# How many batches' worth of the oldest waiting texts a batch is chosen from: wider windows pad
+# less but sort more on the event loop.
+_WINDOW_BATCHES = 16
+# At most this fraction of a batch's (padded) length may be padding: a smaller batch of similar
+# lengths beats a full one where a single passage pads thirty short queries to its length.
+_MAX_PADDING = 0.3
+
+
+class _Request:
+    __slots__ = ("rows", "remaining", "future")
+
+    def __init__(self, size: int, future: asyncio.Future):
+        self.rows: list[Any] = [None] * size
+        self.remaining = size
+        self.future = future
+
+
+class _Item:
+    __slots__ = ("text", "request", "index")
+
+    def __init__(self, text: str, request: _Request, index: int):
+        self.text = text
+        self.request = request
+        self.index = index
+
+
+class LengthBatcher:
+    def __init__(self, call: EngineCall, *, max_in_flight: int, max_items: int):
+        self._call = call
+        self.max_in_flight = max_in_flight
+        self.max_items = max_items  # texts per engine call
+        self.in_flight = 0
+        self._waiting: list[_Item] = []  # arrival order
+
+    async def embed(self, texts: list[str]) -> list[Any]:
+        """Rows for `texts`, in order. Cancelling the caller withdraws its texts not yet sent, and
+        cancels an engine call once none of the callers it serves is left."""
+        if not texts:
+            return []
+        if not self.in_flight and not self._waiting and len(texts) <= self.max_items:
+            return await self._alone(texts)
+        request = _Request(len(texts), asyncio.get_running_loop().create_future())
+        self._waiting.extend(_Item(text, request, i) for i, text in enumerate(texts))
+        self._dispatch()
+        return await request.future
+
+    async def _alone(self, texts: list[str]) -> list[Any]:
+        """An idle engine and a request that fits one batch: call it from the caller's own task
+        (two tasks fewer than a shared call; cancelling the caller cancels the call)."""
+        self.in_flight += 1
+        try:
+            rows, _ = await self._call(texts)
+            return rows
+        finally:
+            self.in_flight -= 1
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """An idle engine gets the next batch at once. A busy one gets a second call queued behind
+        the running one (its tokenisation overlaps the compute) only when a batch's worth waits:
+        otherwise the texts arriving meanwhile would be sent in ones and twos."""
+        while self._waiting and (not self.in_flight or (
+                self.in_flight < self.max_in_flight and len(self._waiting) >= self.max_items)):
+            batch = self._take()
+            if not batch:
+                return
+            self.in_flight += 1
+            asyncio.ensure_future(self._run(batch))
+
+    def _take(self) -> list[_Item]:
+        """The next batch: the oldest waiting text and, from a window of the oldest ones sorted by
+        length, as many of its neighbours in length (up to `max_items`) as keep the padding
+        within `_MAX_PADDING` of the batch's compute."""
+        n = self.max_items
+        window: list[_Item] = []
+        scanned = 0
+        for item in self._waiting:
+            scanned += 1
+            if not item.request.future.done():  # its caller has not gone away
+                window.append(item)
+                if len(window) == n * _WINDOW_BATCHES:
+                    break
+        rest = self._waiting[scanned:]
+        if not window:
+            self._waiting = rest
+            return []
+        oldest = window[0]
+        by_length = sorted(window, key=lambda item: len(item.text))
+        lengths = [len(item.text) for item in by_length]
+        total = [0, *accumulate(lengths)]
+        at = next(i for i, item in enumerate(by_length) if item is oldest)
+        best = (1, 0, at)  # (size, -padding, start)
+        for end in range(at + 1, min(at + n, len(by_length)) + 1):
+            longest = lengths[end - 1]
+            # the most texts ending at `end` whose padding stays within bounds
+            for start in range(max(0, end - n), at + 1):
+                size, used = end - start, total[end] - total[start]
+                if used >= (1 - _MAX_PADDING) * size * longest:
+                    best = max(best, (size, used - size * longest, start))
+                    break
+        size, _, start = best
+        batch = by_length[start:start + size]
+        chosen = {id(item) for item in batch}
+        self._waiting = [item for item in window if id(item) not in chosen] + rest
+        return batch
+
+    async def _run(self, batch: list[_Item]) -> None:
+        requests = list({id(item.request): item.request for item in batch}.values())
+        call = asyncio.ensure_future(self._call([item.text for item in batch]))
+
+        def withdrawn(_: asyncio.Future) -> None:
+            if all(request.future.done() for request in requests) and not call.done():
+                call.cancel()  # nobody is left to read it: stop the engine work
+
+        for request in requests:
+            request.future.add_done_callback(withdrawn)
+        try:
+            rows, _ = await call
+        except BaseException as exc:  # noqa: BLE001 - handed to every caller in the batch
+            for request in requests:
+                if not request.future.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        request.future.cancel()
+                    else:
+                        request.future.set_exception(exc)
+        else:
+            for item, row in zip(batch, rows):
+                request = item.request
+                if request.future.done():
+                    continue
+                request.rows[item.index] = row
+                request.remaining -= 1
+                if not request.remaining:
+                    request.future.set_result(request.rows)
+        finally:
+            for request in requests:
+                request.future.remove_done_callback(withdrawn)
+            self.in_flight -= 1
+            self._dispatch()
