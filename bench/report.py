@@ -25,7 +25,7 @@ def write_report(report: dict, out: Path) -> None:
         f"{ceiling['embed_items_per_s']:.1f} items/s, rerank {ceiling['rerank_pairs_per_s']:.1f} pairs/s.",
         "",
     ]
-    names = list(by_name)
+    names = [name for name, cells in by_name.items() if cells]  # worker-runpod: cold starts only
     header = "| kind | conc | items/req | format | " + " | ".join(
         f"{n} items/s | {n} p50 ms | {n} p99 ms | {n} err" for n in names)
     if {"worker", "infinity"} <= set(names):
@@ -44,7 +44,9 @@ def write_report(report: dict, out: Path) -> None:
             row += [f"{ratio:.2f}x", f"{ours['items_per_s'] / limit:.2f}x"]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Cold starts: median of the runs (each run listed), each server alone on the machine; "
-              "cells: both servers up, taking turns.", "",
+              "cells: both servers up, taking turns. worker-runpod is the RunPod handler in one "
+              "process (the SDK's local job API, POST /runsync); it has no readiness route, so its "
+              "/ready column is its first job.", "",
               "| server | cold start to /ready (s) | cold start to first embedding (s) | runs (s) | peak RSS (MB) |",
               "|---|---|---|---|---|"]
     for t in report["targets"]:

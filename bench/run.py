@@ -60,10 +60,12 @@ def make_reranker(path: Path, embedder: str) -> Path:
 class Target:
     """A server process: start it, time its cold start, sample its memory, stop it."""
 
-    def __init__(self, name: str, command: list[str], env: dict[str, str], ready_path: str,
-                 prefix: str, log: Path):
+    def __init__(self, name: str, command: list[str], env: dict[str, str], ready_path: str | None,
+                 prefix: str, log: Path, *, job: bool = False, cells: bool = True):
         self.name, self.command, self.env, self.ready_path = name, command, env, ready_path
         self.prefix, self.log = prefix, log
+        self.job = job  # takes RunPod jobs (POST /runsync) instead of OpenAI requests
+        self.cells = cells  # load cells too, not only cold starts
         self.port = int(env["PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.peak_rss = 0
@@ -77,13 +79,16 @@ class Target:
         threading.Thread(target=self._sample, daemon=True).start()
         ready = first = None
         body = {"model": "minilm", "input": ["cold start"]}
+        path, payload = ("/runsync", {"input": body}) if self.job else (self.prefix + "/embeddings", body)
         while first is None:
             if self.proc.poll() is not None or time.perf_counter() - started > 300:
                 raise RuntimeError(f"{self.name} did not start:\n{self.log.read_text()[-3000:]}")
             try:
-                if ready is None and httpx.get(self.url + self.ready_path, timeout=1).status_code == 200:
+                if (ready is None and self.ready_path
+                        and httpx.get(self.url + self.ready_path, timeout=1).status_code == 200):
                     ready = time.perf_counter() - started
-                if httpx.post(self.url + self.prefix + "/embeddings", json=body, timeout=5).status_code == 200:
+                answer = httpx.post(self.url + path, json=payload, timeout=5)
+                if answer.status_code == 200 and (not self.job or answer.json().get("status") == "COMPLETED"):
                     first = time.perf_counter() - started
             except httpx.HTTPError:
                 pass
@@ -120,9 +125,15 @@ def targets(models: dict[str, Path], out: Path) -> list[Target]:
             "REQUEST_TIMEOUT": "600"}
     port = free_port()
     theirs = {**base, "PORT": str(port)}
+    rp_port = free_port()
+    runpod = {**ours, "PORT": str(rp_port)}
     return [
         Target("worker", [sys.executable, "-m", "embedding_worker", "serve"], ours, "/readyz", "/v1",
                out / "worker.log"),
+        # the serverless path: one process, the SDK's local job API (cold starts only)
+        Target("worker-runpod", [sys.executable, "-m", "embedding_worker", "runpod", "--rp_serve_api",
+                                 "--rp_api_host", "127.0.0.1", "--rp_api_port", str(rp_port)],
+               runpod, None, "", out / "worker-runpod.log", job=True, cells=False),
         Target("infinity", [str(INFINITY_PY.parent / "infinity_emb"), "v2",
                             "--model-id", str(models["minilm"]), "--served-model-name", "minilm",
                             "--model-id", str(models["reranker"]), "--served-model-name", "reranker",
@@ -204,11 +215,12 @@ def measure(targets: list[Target], cells: list[dict], corpus, tokens, duration: 
             values = sorted(s[key] for s in starts[target.name])
             results[target.name][key] = values[len(values) // 2]  # median
             results[target.name][key + "_all"] = values
+    loaded = [t for t in targets if t.cells]
     try:
-        for target in targets:
+        for target in loaded:
             target.start()
         for i, cell in enumerate(cells):
-            for target in targets if i % 2 == 0 else targets[::-1]:
+            for target in loaded if i % 2 == 0 else loaded[::-1]:
                 path = target.prefix + ("/embeddings" if cell["kind"] == "embed" else "/rerank")
                 outcome = asyncio.run(run_cell(target.url, path, body_maker(cell, corpus, tokens),
                                                cell["concurrency"], duration))
@@ -229,7 +241,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter cells (a smoke run)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / time.strftime("%Y%m%d-%H%M%S"))
-    parser.add_argument("--only", choices=["worker", "infinity"], help="one server only")
+    parser.add_argument("--only", choices=["worker", "worker-runpod", "infinity"], help="one server only")
     parser.add_argument("--cold-starts", type=int, default=3, help="cold starts per server (median)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .config import Settings
@@ -41,15 +43,18 @@ def make_handler(core: Core):
 def start(settings: Settings) -> None:
     """Load the weights before taking jobs (a cold start pays it once), then run the SDK loop.
     The SDK reads its own flags (`--rp_serve_api`, ...) from sys.argv."""
-    import runpod
-
-    core = Core(settings)
-    try:
-        core.engines.load()
-    except Exception as exc:  # RunPod restarts a worker that exits; say why in one line
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        logger.error("model loading failed: %s", reason)
-        raise SystemExit(1) from None
+    # Importing the SDK waits ~1 s on a subprocess (py-cpuinfo, run at import by its debugger
+    # module): let that wait overlap the weights' loading rather than precede it.
+    with ThreadPoolExecutor(1) as pool:
+        sdk = pool.submit(importlib.import_module, "runpod")
+        core = Core(settings)
+        try:
+            core.engines.load()
+        except Exception as exc:  # RunPod restarts a worker that exits; say why in one line
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            logger.error("model loading failed: %s", reason)
+            raise SystemExit(1) from None
+        runpod = sdk.result()
     runpod.serverless.start({
         "handler": make_handler(core),
         "concurrency_modifier": lambda _current: settings.runpod_max_concurrency,
