@@ -130,3 +130,17 @@ def test_cli_configuration_error_is_one_line():
     assert result.stderr.strip().splitlines() == [
         "configuration error: DTYPES='fp64': 'fp64' is not a dtype; expected one of auto, fp32, "
         "float32, fp16, float16, half, bf16, bfloat16, int8, fp8"]
+
+
+def test_runpod_mode_exits_with_one_line_when_weights_fail(tmp_path):
+    """The SDK is imported in the background while the weights load: a failed load still ends the
+    process at once (RunPod restarts it) with the reason on one line."""
+    missing = tmp_path / "no-such-model"
+    missing.mkdir()  # a local directory without weights: config accepts it, loading fails
+    result = subprocess.run([sys.executable, "-m", "embedding_worker", "runpod"], cwd=ROOT,
+                            env=clean_env(MODEL_NAMES=str(missing), **SKIP_CHECKS),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    failures = [line for line in result.stderr.splitlines() if "model loading failed" in line]
+    assert len(failures) == 1, result.stderr[-3000:]
+    assert "Starting Serverless Worker" not in result.stdout + result.stderr
