@@ -8,7 +8,8 @@ a temporary worktree and served from there; `@` alone is the working tree).
     .venv/bin/python bench/ab.py @HEAD~1 @ --size 8 --concurrency 16
 
 `--size 0` (default) sends one short query per request; `--size N` sends N texts of the
-benchmark's mix (half short queries, half passages), as `bench/run.py` does.
+benchmark's mix (half short queries, half passages), as `bench/run.py` does. `--rerank` serves
+`bench/run.py`'s cross-encoder instead and sends its rerank requests (a query and 32 documents).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 
 from load import run_cell  # noqa: E402
+from run import body_maker, make_reranker  # noqa: E402
 from server import BentoServer  # noqa: E402
 from workload import texts  # noqa: E402
 
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--size", type=int, default=0)
+    parser.add_argument("--rerank", action="store_true")
     args = parser.parse_args()
 
     corpus = texts(str(Path(bundled_model_path()) / "vocab.txt"), 2048)
@@ -64,14 +67,23 @@ def main() -> None:
         start = (i * args.size) % (len(corpus) - args.size)
         return {"model": BUNDLED_MODEL_ID, "input": corpus[start:start + args.size]}, args.size, 0
 
+    # as bench/run.py: Infinity's server has no deadline, and deep queues outlast ours (60 s)
+    path, served = "/v1/embeddings", {"REQUEST_TIMEOUT": "600"}
+    if args.rerank:
+        reranker = make_reranker(ROOT / "bench" / "results" / "minilm-reranker", bundled_model_path())
+        path = "/v1/rerank"
+        served.update(MODEL_NAMES=str(reranker), SERVED_MODEL_NAMES="reranker")
+        body = body_maker({"kind": "rerank"}, corpus, [0] * len(corpus))  # noqa: F811
+
     with ExitStack() as stack:
-        variants = {v: checkout(stack, v) for v in (args.a, args.b)}
+        variants = {v: ({**served, **env}, root) for v, (env, root) in
+                    ((v, checkout(stack, v)) for v in (args.a, args.b))}
         for _ in range(args.rounds):
             for variant, (env, root) in variants.items():
                 with tempfile.TemporaryDirectory() as tmp:
                     srv = BentoServer(env, Path(tmp) / "server.log", root=root).start()
                     try:
-                        cell = asyncio.run(run_cell(srv.url, "/v1/embeddings", body,
+                        cell = asyncio.run(run_cell(srv.url, path, body,
                                                     args.concurrency, args.seconds)).summary()
                     finally:
                         srv.stop()

@@ -42,6 +42,40 @@ async def test_concurrent_requests_share_batches_and_each_gets_its_own_rows_and_
         assert result["usage"]["prompt_tokens"] == expected
 
 
+async def test_concurrent_rerank_requests_with_different_queries_share_batches(tiny_models):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    previous = Core.current
+    core = Core(Settings(model_names=str(tiny_models["rerank"]), served_model_names="tiny-rerank",
+                         batch_sizes="32"))
+    await core.start()
+    try:
+        requests = [(f"query {i}" + " why" * i, [f"doc {i}.{j} " + "text " * (3 * j + i)
+                                                 for j in range(2 + i % 4)]) for i in range(24)]
+        guard = core.engines.guards["tiny-rerank"]
+        before = guard.batches
+        results = await asyncio.gather(*(
+            core.rerank({"model": "tiny-rerank", "query": q, "documents": d, "raw_scores": True})
+            for q, d in requests))
+        assert guard.batches - before < len(requests) / 2, "concurrent requests did not share batches"
+    finally:
+        await core.stop()
+        Core.current = previous
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["rerank"])
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["rerank"]).eval()
+    for (query, docs), result in zip(requests, results):
+        with torch.no_grad():
+            logits = model(**tokenizer([query] * len(docs), docs, padding=True,
+                                       return_tensors="pt")).logits[:, 0].numpy()
+        assert [r["index"] for r in result["results"]] == list(np.argsort(-logits, kind="stable"))
+        got = {r["index"]: r["relevance_score"] for r in result["results"]}
+        np.testing.assert_allclose([got[i] for i in range(len(docs))], logits, atol=1e-4)
+        # usage as infinity counts it: query and document as one text, special tokens excluded
+        expected = sum(len(tokenizer(query + d, add_special_tokens=False)["input_ids"]) for d in docs)
+        assert result["usage"]["prompt_tokens"] == expected
+
+
 class Gate:
     """An engine-call stand-in whose completion the test controls, recording what was sent."""
 
@@ -63,9 +97,9 @@ class Gate:
 async def test_waiting_callers_are_sent_together_and_split_back_in_order():
     gate = Gate()
     batcher = LengthBatcher(gate, max_in_flight=1, max_items=10)
-    first = asyncio.ensure_future(batcher.embed(["a"]))
+    first = asyncio.ensure_future(batcher.submit(["a"]))
     await asyncio.sleep(0)
-    rest = [asyncio.ensure_future(batcher.embed([f"{i}x", f"{i}y"])) for i in range(3)]
+    rest = [asyncio.ensure_future(batcher.submit([f"{i}x", f"{i}y"])) for i in range(3)]
     await asyncio.sleep(0.01)
     assert gate.calls == [["a"]]  # the others wait for the slot
     gate.release.set()
@@ -77,11 +111,11 @@ async def test_waiting_callers_are_sent_together_and_split_back_in_order():
 async def test_batches_group_similar_lengths_around_the_oldest_text():
     gate = Gate()
     batcher = LengthBatcher(gate, max_in_flight=1, max_items=3)
-    busy = asyncio.ensure_future(batcher.embed(["busy"]))
+    busy = asyncio.ensure_future(batcher.submit(["busy"]))
     await asyncio.sleep(0)
     # arrival order mixes lengths; the oldest waiting text is 5 characters long
     texts = ["x" * 5, "y" * 90, "z" * 4, "w" * 100, "v" * 6, "u" * 95, "t" * 80]
-    requests = [asyncio.ensure_future(batcher.embed([t])) for t in texts]
+    requests = [asyncio.ensure_future(batcher.submit([t])) for t in texts]
     await asyncio.sleep(0)
     gate.release.set()
     assert [await r for r in requests] == [[f"row:{t}"] for t in texts]
@@ -95,17 +129,17 @@ async def test_a_request_larger_than_a_batch_is_split_and_reassembled_in_order()
     gate.release.set()
     batcher = LengthBatcher(gate, max_in_flight=1, max_items=4)
     texts = ["a" * (i % 5 + 1) + str(i) for i in range(11)]
-    assert await batcher.embed(texts) == [f"row:{t}" for t in texts]
+    assert await batcher.submit(texts) == [f"row:{t}" for t in texts]
     assert [len(call) for call in gate.calls] == [4, 4, 3]
 
 
 async def test_under_sustained_short_texts_a_long_one_is_not_starved():
     gate = Gate()
     batcher = LengthBatcher(gate, max_in_flight=1, max_items=2)
-    busy = asyncio.ensure_future(batcher.embed(["busy"]))
+    busy = asyncio.ensure_future(batcher.submit(["busy"]))
     await asyncio.sleep(0)
-    long = asyncio.ensure_future(batcher.embed(["L" * 500]))
-    shorts = [asyncio.ensure_future(batcher.embed([f"s{i}"])) for i in range(20)]
+    long = asyncio.ensure_future(batcher.submit(["L" * 500]))
+    shorts = [asyncio.ensure_future(batcher.submit([f"s{i}"])) for i in range(20)]
     await asyncio.sleep(0)
     gate.release.set()
     await long
@@ -117,10 +151,10 @@ async def test_under_sustained_short_texts_a_long_one_is_not_starved():
 async def test_a_caller_that_leaves_before_sending_is_withdrawn():
     gate = Gate()
     batcher = LengthBatcher(gate, max_in_flight=1, max_items=10)
-    first = asyncio.ensure_future(batcher.embed(["a"]))
+    first = asyncio.ensure_future(batcher.submit(["a"]))
     await asyncio.sleep(0)
-    leaving = asyncio.ensure_future(batcher.embed(["gone"]))
-    staying = asyncio.ensure_future(batcher.embed(["kept"]))
+    leaving = asyncio.ensure_future(batcher.submit(["gone"]))
+    staying = asyncio.ensure_future(batcher.submit(["kept"]))
     await asyncio.sleep(0)
     leaving.cancel()
     gate.release.set()
@@ -132,9 +166,9 @@ async def test_a_caller_that_leaves_before_sending_is_withdrawn():
 async def test_a_shared_call_is_cancelled_only_when_every_caller_left():
     gate = Gate()
     batcher = LengthBatcher(gate, max_in_flight=1, max_items=10)
-    first = asyncio.ensure_future(batcher.embed(["a"]))
+    first = asyncio.ensure_future(batcher.submit(["a"]))
     await asyncio.sleep(0)
-    one, two = (asyncio.ensure_future(batcher.embed([t])) for t in ("b", "c"))
+    one, two = (asyncio.ensure_future(batcher.submit([t])) for t in ("b", "c"))
     await asyncio.sleep(0)
     first.cancel()  # a lone call: its engine work stops with it
     await asyncio.sleep(0.01)
@@ -152,7 +186,7 @@ async def test_an_engine_error_reaches_every_caller_of_the_shared_call():
         raise RuntimeError("engine down")
 
     batcher = LengthBatcher(broken, max_in_flight=0, max_items=10)  # everything waits, then goes
-    calls = [asyncio.ensure_future(batcher.embed([t])) for t in "ab"]
+    calls = [asyncio.ensure_future(batcher.submit([t])) for t in "ab"]
     await asyncio.sleep(0)
     batcher.max_in_flight = 1
     batcher._dispatch()
@@ -164,10 +198,10 @@ async def test_an_engine_error_reaches_every_caller_of_the_shared_call():
 async def test_a_long_text_does_not_pad_a_batch_of_short_ones():
     gate = Gate()
     batcher = LengthBatcher(gate, max_in_flight=1, max_items=8)
-    busy = asyncio.ensure_future(batcher.embed(["busy"]))
+    busy = asyncio.ensure_future(batcher.submit(["busy"]))
     await asyncio.sleep(0)
     texts = ["q" * (10 + i) for i in range(7)] + ["P" * 1000]
-    waiting = asyncio.ensure_future(batcher.embed(texts))  # eight texts: one batch's worth
+    waiting = asyncio.ensure_future(batcher.submit(texts))  # eight texts: one batch's worth
     await asyncio.sleep(0)
     gate.release.set()
     assert await waiting == [f"row:{t}" for t in texts]
@@ -178,12 +212,12 @@ async def test_a_long_text_does_not_pad_a_batch_of_short_ones():
 async def test_a_busy_engine_gets_a_second_call_only_for_a_batch_worth_of_texts():
     gate = Gate()
     batcher = LengthBatcher(gate, max_in_flight=2, max_items=4)
-    running = asyncio.ensure_future(batcher.embed(["running"]))
+    running = asyncio.ensure_future(batcher.submit(["running"]))
     await asyncio.sleep(0.01)
-    few = [asyncio.ensure_future(batcher.embed([f"t{i}"])) for i in range(3)]
+    few = [asyncio.ensure_future(batcher.submit([f"t{i}"])) for i in range(3)]
     await asyncio.sleep(0.01)
     assert len(gate.calls) == 1  # three texts wait for the running call rather than go alone
-    more = asyncio.ensure_future(batcher.embed(["t3"]))
+    more = asyncio.ensure_future(batcher.submit(["t3"]))
     await asyncio.sleep(0.01)
     assert len(gate.calls) == 2 and sorted(gate.calls[1]) == ["t0", "t1", "t2", "t3"]
     gate.release.set()

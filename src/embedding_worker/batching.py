@@ -1,4 +1,4 @@
-"""Form a model's text batches ourselves: from everything waiting, texts of similar length.
+"""Form a model's batches ourselves: from everything waiting, inputs of similar length.
 
 infinity commits arriving items to batches early (several batches ahead of the model), each from
 whatever arrived meanwhile. With concurrent requests of mixed lengths, short texts then ride in
@@ -6,7 +6,8 @@ batches padded to the longest passage, and on a CPU the model's cost is per padd
 the throughput or less (docs/performance.md). Here texts wait in our queue while engine calls
 run. The next call takes the oldest waiting text (so nothing starves) and those closest to it in
 length, as many as pad little (lengths in characters: a cheap stand-in for tokens). An idle
-engine is called at once, so a lone request pays nothing.
+engine is called at once, so a lone request pays nothing. The inputs are texts to embed or
+(query, document) pairs to score: anything with a length.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from itertools import accumulate
 from typing import Any
 
-EngineCall = Callable[[list[str]], Awaitable[tuple[list[Any], int]]]
+EngineCall = Callable[[list[Any]], Awaitable[tuple[list[Any], int]]]
 
 # How many batches' worth of the oldest waiting texts a batch is chosen from: wider windows pad
 # less but sort more on the event loop, and spread a large request over more batches (its p50
@@ -38,40 +39,44 @@ class _Request:
 
 
 class _Item:
-    __slots__ = ("text", "request", "index")
+    __slots__ = ("value", "length", "request", "index")
 
-    def __init__(self, text: str, request: _Request, index: int):
-        self.text = text
+    def __init__(self, value: Any, length: int, request: _Request, index: int):
+        self.value = value
+        self.length = length
         self.request = request
         self.index = index
 
 
 class LengthBatcher:
-    def __init__(self, call: EngineCall, *, max_in_flight: int, max_items: int):
+    def __init__(self, call: EngineCall, *, max_in_flight: int, max_items: int,
+                 length: Callable[[Any], int] = len):
         self._call = call
+        self._length = length  # characters: a cheap stand-in for tokens
         self.max_in_flight = max_in_flight
-        self.max_items = max_items  # texts per engine call
+        self.max_items = max_items  # inputs per engine call
         self.in_flight = 0
         self._waiting: list[_Item] = []  # arrival order
 
-    async def embed(self, texts: list[str]) -> list[Any]:
-        """Rows for `texts`, in order. Cancelling the caller withdraws its texts not yet sent, and
-        cancels an engine call once none of the callers it serves is left."""
-        if not texts:
+    async def submit(self, inputs: list[Any]) -> list[Any]:
+        """The engine's results for `inputs`, in order. Cancelling the caller withdraws its inputs
+        not yet sent, and cancels an engine call once none of the callers it serves is left."""
+        if not inputs:
             return []
-        if not self.in_flight and not self._waiting and len(texts) <= self.max_items:
-            return await self._alone(texts)
-        request = _Request(len(texts), asyncio.get_running_loop().create_future())
-        self._waiting.extend(_Item(text, request, i) for i, text in enumerate(texts))
+        if not self.in_flight and not self._waiting and len(inputs) <= self.max_items:
+            return await self._alone(inputs)
+        request = _Request(len(inputs), asyncio.get_running_loop().create_future())
+        length = self._length
+        self._waiting.extend(_Item(value, length(value), request, i) for i, value in enumerate(inputs))
         self._dispatch()
         return await request.future
 
-    async def _alone(self, texts: list[str]) -> list[Any]:
+    async def _alone(self, inputs: list[Any]) -> list[Any]:
         """An idle engine and a request that fits one batch: call it from the caller's own task
         (two tasks fewer than a shared call; cancelling the caller cancels the call)."""
         self.in_flight += 1
         try:
-            rows, _ = await self._call(texts)
+            rows, _ = await self._call(inputs)
             return rows
         finally:
             self.in_flight -= 1
@@ -107,8 +112,8 @@ class LengthBatcher:
             self._waiting = rest
             return []
         oldest = window[0]
-        by_length = sorted(window, key=lambda item: len(item.text))
-        lengths = [len(item.text) for item in by_length]
+        by_length = sorted(window, key=lambda item: item.length)
+        lengths = [item.length for item in by_length]
         total = [0, *accumulate(lengths)]
         at = next(i for i, item in enumerate(by_length) if item is oldest)
         best = (1, 0, at)  # (size, -padding, start)
@@ -128,7 +133,7 @@ class LengthBatcher:
 
     async def _run(self, batch: list[_Item]) -> None:
         requests = list({id(item.request): item.request for item in batch}.values())
-        call = asyncio.ensure_future(self._call([item.text for item in batch]))
+        call = asyncio.ensure_future(self._call([item.value for item in batch]))
 
         def withdrawn(_: asyncio.Future) -> None:
             if all(request.future.done() for request in requests) and not call.done():

@@ -166,6 +166,17 @@ class Engines:
             )
         return engine
 
+    async def score_pairs(self, name: str, pairs: list[tuple[str, str]]) -> tuple[list[float], int]:
+        """Raw relevance scores of (query, document) pairs in one call, whatever their queries,
+        and infinity's token usage for them. infinity's public `rerank` takes one query per call;
+        its batch handler takes any pairs (our batcher mixes requests to pad less)."""
+        from infinity_emb.primitives import ReRankSingle
+
+        engine = self.get(name)
+        scores, usage = await engine._batch_handler._schedule(
+            [ReRankSingle(query=query, document=document) for query, document in pairs])
+        return list(scores), usage
+
     @property
     def stalled(self) -> list[str]:
         """Models whose batch loop has left work waiting past ENGINE_STALL_TIMEOUT."""

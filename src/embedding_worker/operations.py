@@ -52,6 +52,14 @@ def parse(model: type[M], body: Any) -> M:
         raise from_validation_error(exc) from None
 
 
+def _pair_length(pair: tuple[str, str]) -> int:
+    return len(pair[0]) + len(pair[1])
+
+
+def _sigmoid(scores: list[float]) -> list[float]:
+    return (1 / (1 + np.exp(-np.asarray(scores, dtype=np.float64)))).tolist()
+
+
 def _usage(tokens: int) -> dict[str, int]:
     return {"prompt_tokens": int(tokens), "total_tokens": int(tokens)}
 
@@ -79,7 +87,7 @@ class Core:
         self._dims: dict[str, int] = {}  # learnt from the first embedding of each model
         self.in_flight = 0  # embed/rerank requests being served (MAX_CONCURRENT_REQUESTS)
         self.queued: dict[str, int] = defaultdict(int)  # admitted, unfinished items per model
-        self._batchers: dict[str, LengthBatcher] = {}
+        self._batchers: dict[tuple[str, str], LengthBatcher] = {}
 
     async def start(self) -> None:
         await self.images.start()
@@ -156,21 +164,40 @@ class Core:
         finally:
             guard.finished(abandoned=abandoned)
 
-    async def _embed_texts(self, model: str, texts: list[str]) -> tuple[list[Any], int]:
-        """Text embeddings for one request, through the model's `LengthBatcher` (which forms the
-        engine's batches from every waiting text by length), and the request's own usage."""
-        batcher = self._batchers.get(model)
+    def _batcher(self, model: str, operation: str) -> LengthBatcher:
+        """The model's `LengthBatcher` for `operation`, which forms the engine's batches from
+        every waiting input by length."""
+        batcher = self._batchers.get((model, operation))
         if batcher is None:
             engine = self.engines.get(model)
-            batcher = self._batchers[model] = LengthBatcher(
-                lambda batch: engine.embed(sentences=batch),
+            if operation == "embed":
+                call, length = (lambda batch: engine.embed(sentences=batch)), len
+            else:  # (query, document) pairs
+                call, length = (lambda batch: self.engines.score_pairs(model, batch)), _pair_length
+            batcher = self._batchers[(model, operation)] = LengthBatcher(
+                call, length=length,
                 max_in_flight=2,  # one computing, one being tokenised
                 max_items=engine.engine_args.batch_size,
             )
+        return batcher
+
+    async def _embed_texts(self, model: str, texts: list[str]) -> tuple[list[Any], int]:
+        """Text embeddings for one request, and the request's own usage."""
+        return await self._batched(model, "embed", texts, texts)
+
+    async def _score_pairs(self, model: str, query: str, documents: list[str]) -> tuple[list[float], int]:
+        """Raw relevance scores of `query` with each document, and the request's own usage
+        (infinity's count: query and document as one text)."""
+        return await self._batched(model, "rerank", [(query, d) for d in documents],
+                                   [query + d for d in documents])
+
+    async def _batched(self, model: str, operation: str, inputs: list[Any],
+                       texts: list[str]) -> tuple[list[Any], int]:
+        batcher = self._batcher(model, operation)
         if sum(map(len, texts)) <= _INLINE_TOKENIZE_CHARS:
             # a few short texts tokenise in microseconds: cheaper than a hop to a thread
-            return await batcher.embed(texts), self.engines.usage(model, texts)
-        rows, tokens = await asyncio.gather(batcher.embed(texts),
+            return await batcher.submit(inputs), self.engines.usage(model, texts)
+        rows, tokens = await asyncio.gather(batcher.submit(inputs),
                                             asyncio.to_thread(self.engines.usage, model, texts))
         return rows, tokens
 
@@ -261,26 +288,27 @@ class Core:
         limit = self.settings.max_rerank_documents
         if len(request.documents) > limit:
             raise too_many("documents", len(request.documents), limit, "MAX_RERANK_DOCUMENTS")
-        engine = self.engines.require(request.model, "rerank")
+        self.engines.require(request.model, "rerank")
         self._check_text(request.model, "query", [request.query])
         self._check_text(request.model, "documents", request.documents)
         async with self._serving("rerank", request.model, len(request.documents)) as served:
             await self._check_window(request.model, "documents", request.documents, request.query)
             # top_n is applied here, after the fault check: a failed document must not hide
             # behind the cut
-            ranked, tokens = await self._compute(request.model, engine.rerank(
-                query=request.query, docs=request.documents, raw_scores=request.raw_scores,
-            ))
-            _raise_faults(self.engines, request.model, "documents",
-                          {r.index: r.relevance_score for r in ranked})
+            scores, tokens = await self._compute(
+                request.model, self._score_pairs(request.model, request.query, request.documents))
+            _raise_faults(self.engines, request.model, "documents", scores)
             served.tokens = tokens
+        if not request.raw_scores:
+            scores = _sigmoid(scores)
+        ranked = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)  # stable
         if request.top_n is not None and request.top_n > 0:
             ranked = ranked[: request.top_n]
         results = []
-        for r in ranked:
-            result: dict[str, Any] = {"index": r.index, "relevance_score": float(r.relevance_score)}
+        for i in ranked:
+            result: dict[str, Any] = {"index": i, "relevance_score": float(scores[i])}
             if request.return_documents:
-                result["document"] = {"text": r.document}
+                result["document"] = {"text": request.documents[i]}
             results.append(result)
         return {
             "object": "rerank",
@@ -323,8 +351,9 @@ class Core:
         out: list[Any] = [None] * len(items)
 
         async def run(model: str, positions: list[int]) -> None:
-            engine = self.engines.require(model, "embed")
-            vectors, _ = await self._compute(model, engine.embed(sentences=[items[i].text for i in positions]))
+            self.engines.require(model, "embed")
+            vectors = await self._compute(
+                model, self._batcher(model, "embed").submit([items[i].text for i in positions]))
             _raise_faults(self.engines, model, "items", vectors)
             for i, vector in zip(positions, vectors):
                 out[i] = np.asarray(vector, dtype=np.float32).tolist()
@@ -334,21 +363,20 @@ class Core:
 
     async def rerank_items(self, items: Sequence[RerankItem]) -> list[float]:
         """Relevance score (sigmoid) per (query, document) pair; pairs may differ in query/model."""
-        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        groups: dict[str, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
-            groups[(item.model, item.query)].append(i)
+            groups[item.model].append(i)
         out: list[float] = [0.0] * len(items)
 
-        async def run(key: tuple[str, str], positions: list[int]) -> None:
-            engine = self.engines.require(key[0], "rerank")
-            ranked, _ = await self._compute(
-                key[0], engine.rerank(query=key[1], docs=[items[i].document for i in positions])
-            )
-            _raise_faults(self.engines, key[0], "items", {r.index: r.relevance_score for r in ranked})
-            for r in ranked:
-                out[positions[r.index]] = float(r.relevance_score)
+        async def run(model: str, positions: list[int]) -> None:
+            self.engines.require(model, "rerank")
+            pairs = [(items[i].query, items[i].document) for i in positions]
+            scores = await self._compute(model, self._batcher(model, "rerank").submit(pairs))
+            _raise_faults(self.engines, model, "items", scores)
+            for i, score in zip(positions, _sigmoid(scores)):
+                out[i] = score
 
-        await asyncio.gather(*(run(k, p) for k, p in groups.items()))
+        await asyncio.gather(*(run(m, p) for m, p in groups.items()))
         return out
 
 
