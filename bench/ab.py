@@ -48,6 +48,21 @@ def checkout(stack: ExitStack, variant: str) -> tuple[dict[str, str], Path]:
     return {}, tree
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The server's peak resident memory: each process's high-water mark (VmHWM), summed."""
+    import psutil
+
+    total = 0
+    root = psutil.Process(pid)
+    for proc in (root, *root.children(recursive=True)):
+        try:
+            with open(f"/proc/{proc.pid}/status") as status:
+                total += next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+        except (OSError, StopIteration):
+            pass
+    return total / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("a")
@@ -85,10 +100,12 @@ def main() -> None:
                     try:
                         cell = asyncio.run(run_cell(srv.url, path, body,
                                                     args.concurrency, args.seconds)).summary()
+                        peak = peak_rss_mb(srv.proc.pid)
                     finally:
                         srv.stop()
                 print(f"{variant}: {cell['items_per_s']:.1f} items/s, p50 {cell['p50_ms']:.1f} ms, "
-                      f"p99 {cell['p99_ms']:.1f} ms, errors {cell['errors']}", flush=True)
+                      f"p99 {cell['p99_ms']:.1f} ms, errors {cell['errors']}, peak RSS {peak:.0f} MB",
+                      flush=True)
 
 
 if __name__ == "__main__":
