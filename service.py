@@ -12,6 +12,7 @@ from embedding_worker.logs import configure_logging
 from embedding_worker.middleware import RequestGuard
 from embedding_worker.operations import Core, served_with
 from embedding_worker.schemas import EmbedItem, RerankItem
+from embedding_worker.tracing import tracing_config
 
 settings = load_settings_or_exit()
 configure_logging(settings)
@@ -25,6 +26,7 @@ openai_app = create_app()
     traffic={"timeout": settings.traffic_timeout},
     # per-request access lines cost CPU the model needs (see docs/performance.md); DEBUG has them
     logging={"access": {"enabled": settings.log_level == "DEBUG"}},
+    tracing=tracing_config(),
     # BentoML 1.4.31+ recycles its in-process aiohttp session under load and fails batched calls
     # unless the connection lives for the whole process.
     runner_connection={"max_requests": 10**9, "max_age": 1e9},
