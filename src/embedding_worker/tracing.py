@@ -7,7 +7,7 @@ from typing import Any
 
 
 def tracing_config() -> dict:
-    """BentoML's OpenTelemetry middleware makes a span per request (~1.3 ms of a short request's
+    """BentoML's OpenTelemetry middleware makes a span per request (~0.5 ms of a short request's
     latency here, docs/performance.md) that only an exporter makes useful. Without one configured,
     trace no URL. With one, pass the top-level `tracing` settings on: BentoML 1.4 replaces them
     with the service's own (unset) ones, so `tracing.*` options would export nothing."""
