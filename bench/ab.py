@@ -76,19 +76,19 @@ def main() -> None:
 
     corpus = texts(str(Path(bundled_model_path()) / "vocab.txt"), 2048)
 
-    def body(i: int) -> tuple[dict, int, int]:
+    def embed_body(i: int) -> tuple[dict, int, int]:
         if not args.size:
             return {"model": BUNDLED_MODEL_ID, "input": [f"short query number {i}"]}, 1, 0
         start = (i * args.size) % (len(corpus) - args.size)
         return {"model": BUNDLED_MODEL_ID, "input": corpus[start:start + args.size]}, args.size, 0
 
     # as bench/run.py: Infinity's server has no deadline, and deep queues outlast ours (60 s)
-    path, served = "/v1/embeddings", {"REQUEST_TIMEOUT": "600"}
+    path, served, body = "/v1/embeddings", {"REQUEST_TIMEOUT": "600"}, embed_body
     if args.rerank:
         reranker = make_reranker(ROOT / "bench" / "results" / "minilm-reranker", bundled_model_path())
         path = "/v1/rerank"
         served.update(MODEL_NAMES=str(reranker), SERVED_MODEL_NAMES="reranker")
-        body = body_maker({"kind": "rerank"}, corpus, [0] * len(corpus))  # noqa: F811
+        body = body_maker({"kind": "rerank"}, corpus, [0] * len(corpus))  # token counts unused
 
     with ExitStack() as stack:
         variants = {v: ({**served, **env}, root) for v, (env, root) in

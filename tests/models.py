@@ -47,13 +47,20 @@ def make_faulty_embedder(path: Path) -> Path:
     return make_tiny_embedder(path, positions=16, seed=2)
 
 
-def make_tiny_reranker(path: Path) -> Path:
+def make_faulty_reranker(path: Path) -> Path:
+    """The same fault for a cross-encoder: the tokenizer allows 512 tokens, the BERT has
+    positions for 16, so a (query, document) pair longer than that raises."""
+    return make_tiny_reranker(path, positions=16)
+
+
+def make_tiny_reranker(path: Path, *, positions: int = 512) -> Path:
     """A BERT cross-encoder with one output label (infinity serves it as a reranker)."""
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     torch.manual_seed(1)
-    config = _tiny_bert_config(num_labels=1, architectures=["BertForSequenceClassification"])
+    config = _tiny_bert_config(num_labels=1, architectures=["BertForSequenceClassification"],
+                               max_position_embeddings=positions)
     model = BertForSequenceClassification(config)
     with torch.no_grad():  # spread the scores so the order is well defined
         model.classifier.weight.mul_(40)

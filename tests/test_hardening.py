@@ -21,7 +21,7 @@ from embedding_worker.errors import (
     Overloaded,
 )
 from embedding_worker.operations import CLIENT_GONE, Core
-from models import make_faulty_embedder
+from models import make_faulty_embedder, make_faulty_reranker
 
 PASSAGE = ("Embedding servers turn text into vectors that search systems compare by cosine "
            "similarity; long passages cost more because attention grows with the sequence. ") * 4
@@ -30,6 +30,11 @@ PASSAGE = ("Embedding servers turn text into vectors that search systems compare
 @pytest.fixture(scope="module")
 def faulty_model(tmp_path_factory):
     return make_faulty_embedder(tmp_path_factory.mktemp("faulty") / "faulty")
+
+
+@pytest.fixture(scope="module")
+def faulty_reranker(tmp_path_factory):
+    return make_faulty_reranker(tmp_path_factory.mktemp("faulty-rerank") / "faulty-rerank")
 
 
 @contextlib.asynccontextmanager
@@ -190,4 +195,28 @@ async def test_model_fault_fails_only_the_request_that_caused_it(faulty_model):
                                        [d["embedding"] for d in alone["data"]], atol=1e-5)
         assert core.ready  # the loop survived
         assert (await core.embed({"model": "faulty", "input": ["after the fault"]}))["data"]
+
+
+async def test_rerank_fault_fails_only_the_request_that_caused_it(faulty_reranker):
+    # concurrent requests with different queries share batches: the faulty pair's batch is
+    # re-run pair by pair, and only its request fails
+    async with started(model_names=str(faulty_reranker), served_model_names="faulty-rerank",
+                       batch_sizes="16") as core:
+        good = [(f"query {i}", [f"doc {i}", f"other {i}"]) for i in range(6)]
+        bad = ("query", ["fine", "word " * 40])  # longer than the model's 16 positions
+        results = await asyncio.gather(
+            *(core.rerank({"model": "faulty-rerank", "query": q, "documents": d}) for q, d in good),
+            core.rerank({"model": "faulty-rerank", "query": bad[0], "documents": bad[1]}),
+            return_exceptions=True,
+        )
+        fault = results[-1]
+        assert isinstance(fault, ModelFault) and fault.status == 500
+        assert fault.message.startswith("model 'faulty-rerank' failed on documents[1]: ")
+        for (query, docs), result in zip(good, results[:-1]):
+            assert isinstance(result, dict), result
+            alone = await core.rerank({"model": "faulty-rerank", "query": query, "documents": docs})
+            assert [r["index"] for r in result["results"]] == [r["index"] for r in alone["results"]]
+            np.testing.assert_allclose([r["relevance_score"] for r in result["results"]],
+                                       [r["relevance_score"] for r in alone["results"]], atol=1e-5)
+        assert core.ready
 

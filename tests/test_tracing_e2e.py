@@ -52,10 +52,19 @@ def exporter_options(endpoint: str) -> str:
 ])
 def test_service_traces_no_url_unless_an_exporter_is_configured(options, expected):
     env = clean_env(BENTOML_CONFIG_OPTIONS=options)
-    code = "import json, service; print(json.dumps(service.InfinityEmbedding.config.get('tracing')))"
+    # what a BentoML worker does with the service's config, then what its tracing middleware reads
+    code = ("import json, service\n"
+            "from bentoml._internal.configuration.containers import BentoMLContainer as C\n"
+            "service.InfinityEmbedding.inject_config()\n"
+            "skipped = C.tracing_excluded_urls.get().url_disabled('http://h/v1/embeddings')\n"
+            "print(json.dumps([service.InfinityEmbedding.config.get('tracing'), skipped,\n"
+            "                  C.config.tracing.exporter_type.get()]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120, check=True).stdout
-    assert json.loads(out.strip().splitlines()[-1]) == expected
+    config, skipped, exporter = json.loads(out.strip().splitlines()[-1])
+    assert config == expected
+    assert skipped == (not options)  # no exporter: the middleware makes no span
+    assert exporter == (expected.get("exporter_type"))
 
 
 def test_configured_exporter_receives_the_request_spans(tmp_path, tiny_models):
