@@ -5,6 +5,8 @@ that leave take their work with them."""
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -40,6 +42,31 @@ async def test_concurrent_requests_share_batches_and_each_gets_its_own_rows_and_
         np.testing.assert_allclose(got, st.encode(texts, normalize_embeddings=True), atol=1e-5)
         expected = sum(len(st.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
         assert result["usage"]["prompt_tokens"] == expected
+
+
+async def test_a_computed_batch_is_returned_without_infinitys_post_processing_sleep(core, monkeypatch):
+    """infinity 0.0.78's post-processing thread sleeps 5 ms before finishing almost every batch
+    (its guard is always true); the engines are started with that delay at 0, so a lone request
+    does not wait on it."""
+    from infinity_emb.inference import batch_handler
+
+    slept: list[tuple[str, float]] = []
+
+    class Clock:  # infinity's `time`, recording which of its loops sleeps how long
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def sleep(self, seconds):
+            slept.append((sys._getframe(1).f_code.co_name, seconds))
+            time.sleep(seconds)
+
+    monkeypatch.setattr(batch_handler, "time", Clock())
+    for i in range(5):
+        result = await core.embed({"model": "tiny-embed", "input": f"lone text {i}"})
+        assert len(result["data"]) == 1
+    post = [seconds for loop, seconds in slept if loop == "_postprocess_batch"]
+    assert post, "the post-processing loop was not observed"
+    assert max(post) == 0
 
 
 async def test_concurrent_rerank_requests_with_different_queries_share_batches(tiny_models):
