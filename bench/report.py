@@ -22,7 +22,8 @@ def write_report(report: dict, out: Path) -> None:
         f"~100-300-token passages. Closed loop, {report['duration_s']:g} s per cell after 1 s warm-up.",
         "",
         f"Raw model ceiling (in-process, best batch size): embed "
-        f"{ceiling['embed_items_per_s']:.1f} items/s, rerank {ceiling['rerank_pairs_per_s']:.1f} pairs/s.",
+        f"{ceiling['embed_items_per_s']:.1f} items/s, rerank {ceiling['rerank_pairs_per_s']:.1f} pairs/s"
+        + _runs(report.get("ceiling_runs")) + ".",
         "",
     ]
     names = [name for name, cells in by_name.items() if cells]  # worker-runpod: cold starts only
@@ -55,6 +56,15 @@ def write_report(report: dict, out: Path) -> None:
                      f"{t['cold_start_first_embedding_s']:.1f} | {runs} | {t['peak_rss_mb']:.0f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _plot(report, out / "plot.png")
+
+
+def _runs(runs: list[dict] | None) -> str:
+    """The ceiling's measurements before and after the servers, when there are several."""
+    if not runs or len(runs) < 2:
+        return ""
+    embed = " / ".join(f"{r['embed_items_per_s']:.1f}" for r in runs)
+    rerank = " / ".join(f"{r['rerank_pairs_per_s']:.1f}" for r in runs)
+    return f" (the mean of the measurements before / after the servers: embed {embed}, rerank {rerank})"
 
 
 def _plot(report: dict, path: Path) -> None:
