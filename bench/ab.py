@@ -20,13 +20,14 @@ import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 
 from load import run_cell  # noqa: E402
-from run import body_maker, make_reranker  # noqa: E402
+from run import body_maker, make_reranker, tree_cpu_seconds  # noqa: E402
 from server import BentoServer  # noqa: E402
 from workload import texts  # noqa: E402
 
@@ -98,14 +99,16 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     srv = BentoServer(env, Path(tmp) / "server.log", root=root).start()
                     try:
-                        cell = asyncio.run(run_cell(srv.url, path, body,
-                                                    args.concurrency, args.seconds)).summary()
+                        cell = asyncio.run(run_cell(
+                            srv.url, path, body, args.concurrency, args.seconds,
+                            server_cpu=partial(tree_cpu_seconds, srv.proc.pid))).summary()
                         peak = peak_rss_mb(srv.proc.pid)
                     finally:
                         srv.stop()
+                cpu_ms = cell["server_cpu_s"] * 1000 / max(cell["items"], 1)
                 print(f"{variant}: {cell['items_per_s']:.1f} items/s, p50 {cell['p50_ms']:.1f} ms, "
-                      f"p99 {cell['p99_ms']:.1f} ms, errors {cell['errors']}, peak RSS {peak:.0f} MB",
-                      flush=True)
+                      f"p99 {cell['p99_ms']:.1f} ms, errors {cell['errors']}, server CPU "
+                      f"{cpu_ms:.1f} ms/item, peak RSS {peak:.0f} MB", flush=True)
 
 
 if __name__ == "__main__":

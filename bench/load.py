@@ -19,6 +19,8 @@ class CellResult:
     items: int = 0
     tokens: int = 0
     elapsed: float = 0.0
+    server_cpu_s: float = 0.0  # the server's CPU time over the measured span
+    client_cpu_s: float = 0.0  # this process's (the load generator shares the cores)
     latencies: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -26,11 +28,14 @@ class CellResult:
         return {
             "requests": self.requests,
             "errors": self.errors,
+            "items": self.items,
             "items_per_s": self.items / self.elapsed if self.elapsed else 0.0,
             "tokens_per_s": self.tokens / self.elapsed if self.elapsed else 0.0,
             "p50_ms": float(np.percentile(lat, 50)),
             "p99_ms": float(np.percentile(lat, 99)),
             "elapsed_s": self.elapsed,
+            "server_cpu_s": self.server_cpu_s,
+            "client_cpu_s": self.client_cpu_s,
         }
 
 
@@ -41,9 +46,11 @@ async def run_cell(
     concurrency: int,
     duration: float,
     warmup: float = 1.0,
+    server_cpu: Callable[[], float] = lambda: 0.0,
 ) -> CellResult:
     """`make_body(i)` -> (json body, items, tokens). New requests stop after `duration`; the
-    in-flight ones finish and count (throughput = completed work / wall time)."""
+    in-flight ones finish and count (throughput = completed work / wall time). `server_cpu()`:
+    the server's CPU seconds so far, read at both ends of the measured span."""
     result = CellResult()
     numbers = count()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -70,7 +77,10 @@ async def run_cell(
 
         now = time.perf_counter()
         await asyncio.gather(*(worker(now, now + warmup, False) for _ in range(concurrency)))
+        cpu = server_cpu(), time.process_time()
         began = time.perf_counter()
         await asyncio.gather(*(worker(began, began + duration, True) for _ in range(concurrency)))
         result.elapsed = time.perf_counter() - began
+        result.server_cpu_s = server_cpu() - cpu[0]
+        result.client_cpu_s = time.process_time() - cpu[1]
     return result

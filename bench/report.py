@@ -31,7 +31,7 @@ def write_report(report: dict, out: Path) -> None:
         f"{n} items/s | {n} p50 ms | {n} p99 ms | {n} err" for n in names)
     if {"worker", "infinity"} <= set(names):
         header += " | worker/infinity | worker/ceiling"
-    lines += [header + " |", "|" + "---|" * (header.count("|") - 1)]
+    lines += [header + " |", "|" + "---|" * header.count("|")]
     for key in by_name[names[0]]:
         row = [key[0], str(key[1]), str(key[2]), key[3]]
         for n in names:
@@ -44,6 +44,7 @@ def write_report(report: dict, out: Path) -> None:
             ratio = ours["items_per_s"] / theirs["items_per_s"] if theirs and theirs["items_per_s"] else float("nan")
             row += [f"{ratio:.2f}x", f"{ours['items_per_s'] / limit:.2f}x"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += _cpu_table(by_name, names, ceiling)
     lines += ["", "Cold starts: median of the runs (each run listed), each server alone on the machine; "
               "cells: both servers up, taking turns. worker-runpod is the RunPod handler in one "
               "process (the SDK's local job API, POST /runsync); it has no readiness route, so its "
@@ -56,6 +57,36 @@ def write_report(report: dict, out: Path) -> None:
                      f"{t['cold_start_first_embedding_s']:.1f} | {runs} | {t['peak_rss_mb']:.0f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _plot(report, out / "plot.png")
+
+
+def _cpu_table(by_name: dict, names: list[str], ceiling: dict) -> list[str]:
+    """CPU per item in each server's process tree over the measured span, against the raw model's,
+    and the cores the load generator took beside it (all share the machine's cores)."""
+    first = by_name[names[0]]
+    if not any("server_cpu_s" in c for c in first.values()):
+        return []  # results from before the harness measured CPU
+    lines = ["", "CPU per item: the server's process tree over each cell (user + system), the raw "
+             f"model's in-process run at its best batch size: embed {ceiling.get('embed_cpu_ms_per_item', 0):.1f} "
+             f"ms/item, rerank {ceiling.get('rerank_cpu_ms_per_pair', 0):.1f} ms/pair. Cores: CPU "
+             "seconds per second of the cell; the load generator shares the machine.", ""]
+    header = "| kind | conc | items/req | format | " + " | ".join(
+        f"{n} CPU ms/item | {n} cores | load generator cores ({n})" for n in names)
+    if len(names) > 1:
+        header += f" | {names[0]}/{names[1]} CPU per item"
+    lines += [header + " |", "|" + "---|" * header.count("|")]
+    for key in first:
+        row, per_item = [key[0], str(key[1]), str(key[2]), key[3]], []
+        for n in names:
+            c = by_name[n].get(key, {})
+            items, elapsed = c.get("items_per_s", 0) * c.get("elapsed_s", 0), c.get("elapsed_s", 0)
+            ms = c.get("server_cpu_s", 0) * 1000 / items if items else float("nan")
+            per_item.append(ms)
+            row += [f"{ms:.1f}", f"{c.get('server_cpu_s', 0) / elapsed if elapsed else 0:.2f}",
+                    f"{c.get('client_cpu_s', 0) / elapsed if elapsed else 0:.2f}"]
+        if len(names) > 1:
+            row.append(f"{per_item[0] / per_item[1]:.2f}x" if per_item[1] else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def _runs(runs: list[dict] | None) -> str:

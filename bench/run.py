@@ -57,6 +57,19 @@ def make_reranker(path: Path, embedder: str) -> Path:
     return path
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of a process and its descendants (BentoML: arbiter and worker)."""
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for proc in (root, *root.children(recursive=True)):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    except psutil.Error:
+        pass
+    return total
+
+
 class Target:
     """A server process: start it, time its cold start, sample its memory, stop it."""
 
@@ -94,6 +107,9 @@ class Target:
                 pass
             time.sleep(0.05)
         return {"cold_start_ready_s": ready or first, "cold_start_first_embedding_s": first}
+
+    def cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self.proc.pid)
 
     def _sample(self) -> None:
         while self._sampling:
@@ -171,14 +187,17 @@ def body_maker(cell: dict, corpus: list[str], tokens: list[int]):
     return embed if cell["kind"] == "embed" else rerank
 
 
-def _best_rate(run, items: list, batches=(16, 32, 64)) -> float:
-    """Items per second of `run(items, batch_size)` at its best batch size (after a warm-up)."""
-    best = 0.0
+def _best_rate(run, items: list, batches=(16, 32, 64)) -> tuple[float, float]:
+    """Items per second of `run(items, batch_size)` at its best batch size (after a warm-up), and
+    the CPU milliseconds per item of that run (all of this process's threads)."""
+    best = (0.0, 0.0)
     for batch in batches:
         run(items[:batch], batch)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         run(items, batch)
-        best = max(best, len(items) / (time.perf_counter() - start))
+        rate = len(items) / (time.perf_counter() - start)
+        if rate > best[0]:
+            best = (rate, (time.process_time() - cpu) * 1000 / len(items))
     return best
 
 
@@ -192,9 +211,10 @@ def ceiling(models: dict[str, Path], corpus: list[str], quick: bool) -> dict:
     st = SentenceTransformer(str(models["minilm"]), device="cpu")
     ce = CrossEncoder(str(models["reranker"]), device="cpu")
     pairs = [(sample[0], d) for d in sample[1:129]]
-    best_embed = _best_rate(lambda items, batch: st.encode(items, batch_size=batch), sample)
-    best_rerank = _best_rate(lambda items, batch: ce.predict(items, batch_size=batch), pairs)
-    return {"embed_items_per_s": best_embed, "rerank_pairs_per_s": best_rerank}
+    embed, embed_cpu = _best_rate(lambda items, batch: st.encode(items, batch_size=batch), sample)
+    rerank, rerank_cpu = _best_rate(lambda items, batch: ce.predict(items, batch_size=batch), pairs)
+    return {"embed_items_per_s": embed, "rerank_pairs_per_s": rerank,
+            "embed_cpu_ms_per_item": embed_cpu, "rerank_cpu_ms_per_pair": rerank_cpu}
 
 
 def measure(targets: list[Target], cells: list[dict], corpus, tokens, duration: float,
@@ -223,7 +243,7 @@ def measure(targets: list[Target], cells: list[dict], corpus, tokens, duration: 
             for target in loaded if i % 2 == 0 else loaded[::-1]:
                 path = target.prefix + ("/embeddings" if cell["kind"] == "embed" else "/rerank")
                 outcome = asyncio.run(run_cell(target.url, path, body_maker(cell, corpus, tokens),
-                                               cell["concurrency"], duration))
+                                               cell["concurrency"], duration, server_cpu=target.cpu_seconds))
                 row = {**cell, **outcome.summary()}
                 results[target.name]["cells"].append(row)
                 print(f"{target.name:9s} {cell['kind']:6s} c={cell['concurrency']:<3d} "
