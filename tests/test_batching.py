@@ -236,6 +236,24 @@ async def test_a_long_text_does_not_pad_a_batch_of_short_ones():
     await busy
 
 
+async def test_passages_share_a_batch_only_with_close_lengths():
+    # on a CPU every padded token costs compute: passages 40 % apart in length go in two batches
+    # (one batch would be 20 % padding); short texts 4x apart stay together, as padding them
+    # costs less than another engine call
+    gate = Gate()
+    batcher = LengthBatcher(gate, max_in_flight=1, max_items=4)
+    busy = asyncio.ensure_future(batcher.submit(["busy"]))
+    await asyncio.sleep(0)
+    texts = ["P" * 1000, "p" * 600] * 2 + ["q" * 10, "q" * 40] * 2
+    waiting = asyncio.ensure_future(batcher.submit(texts))
+    await asyncio.sleep(0)
+    gate.release.set()
+    assert await waiting == [f"row:{t}" for t in texts]
+    assert [sorted(map(len, call)) for call in gate.calls[1:]] == [
+        [1000, 1000], [600, 600], [10, 10, 40, 40]]
+    await busy
+
+
 async def test_a_busy_engine_gets_a_second_call_only_for_a_batch_worth_of_texts():
     gate = Gate()
     batcher = LengthBatcher(gate, max_in_flight=2, max_items=4)

@@ -24,9 +24,15 @@ EngineCall = Callable[[list[Any]], Awaitable[tuple[list[Any], int]]]
 # grows: 64-text requests at c=16 had 1.7x Infinity's p50 at equal throughput; 2 batches cut
 # that but cost 13-15 % of throughput in an A/B).
 _WINDOW_BATCHES = 16
-# At most this fraction of a batch's (padded) length may be padding: a smaller batch of similar
-# lengths beats a full one where a single passage pads thirty short queries to its length.
-_MAX_PADDING = 0.3
+# A batch's padding (characters, summed over its texts) may be at most this fraction of its padded
+# length, or `_PADDING_SLACK` characters, whichever is more: a smaller batch of similar lengths
+# beats a full one where a single passage pads thirty short queries to its length. On a CPU the
+# model's cost is per padded token and flat in batch size past a few passages, so the bound is
+# tight (at 0.3, batches carried 33 % padded tokens and requests of 1-8 texts lost 15-20 % of
+# throughput: docs/performance.md); the slack keeps short texts together, as padding them costs
+# less than one more engine call (~6.5 ms on this CPU, ~50 tokens' worth).
+_MAX_PADDING = 0.1
+_PADDING_SLACK = 256
 
 
 class _Request:
@@ -122,7 +128,7 @@ class LengthBatcher:
             # the most texts ending at `end` whose padding stays within bounds
             for start in range(max(0, end - n), at + 1):
                 size, used = end - start, total[end] - total[start]
-                if used >= (1 - _MAX_PADDING) * size * longest:
+                if size * longest - used <= max(_MAX_PADDING * size * longest, _PADDING_SLACK):
                     best = max(best, (size, used - size * longest, start))
                     break
         size, _, start = best
