@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 
 from load import run_cell  # noqa: E402
-from run import body_maker, make_reranker, tree_cpu_seconds  # noqa: E402
+from run import body_maker, make_reranker, process_tree, tree_cpu_seconds  # noqa: E402
 from server import BentoServer  # noqa: E402
 from workload import texts  # noqa: E402
 
@@ -51,11 +51,8 @@ def checkout(stack: ExitStack, variant: str) -> tuple[dict[str, str], Path]:
 
 def peak_rss_mb(pid: int) -> float:
     """The server's peak resident memory: each process's high-water mark (VmHWM), summed."""
-    import psutil
-
     total = 0
-    root = psutil.Process(pid)
-    for proc in (root, *root.children(recursive=True)):
+    for proc in process_tree(pid):
         try:
             with open(f"/proc/{proc.pid}/status") as status:
                 total += next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))

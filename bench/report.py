@@ -78,7 +78,7 @@ def _cpu_table(by_name: dict, names: list[str], ceiling: dict) -> list[str]:
         row, per_item = [key[0], str(key[1]), str(key[2]), key[3]], []
         for n in names:
             c = by_name[n].get(key, {})
-            items, elapsed = c.get("items_per_s", 0) * c.get("elapsed_s", 0), c.get("elapsed_s", 0)
+            items, elapsed = c.get("items", 0), c.get("elapsed_s", 0)
             ms = c.get("server_cpu_s", 0) * 1000 / items if items else float("nan")
             per_item.append(ms)
             row += [f"{ms:.1f}", f"{c.get('server_cpu_s', 0) / elapsed if elapsed else 0:.2f}",

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -57,17 +58,18 @@ def make_reranker(path: Path, embedder: str) -> Path:
     return path
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A server process and its descendants (BentoML: arbiter and worker)."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
 def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU time so far of a process and its descendants (BentoML: arbiter and worker)."""
-    total = 0.0
+    """User + system CPU time so far of a server's process tree."""
     try:
-        root = psutil.Process(pid)
-        for proc in (root, *root.children(recursive=True)):
-            times = proc.cpu_times()
-            total += times.user + times.system
+        return sum(sum(proc.cpu_times()[:2]) for proc in process_tree(pid))
     except psutil.Error:
-        pass
-    return total
+        return 0.0
 
 
 class Target:
@@ -108,14 +110,11 @@ class Target:
             time.sleep(0.05)
         return {"cold_start_ready_s": ready or first, "cold_start_first_embedding_s": first}
 
-    def cpu_seconds(self) -> float:
-        return tree_cpu_seconds(self.proc.pid)
-
     def _sample(self) -> None:
         while self._sampling:
             try:
-                procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
-                self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in procs))
+                rss = sum(p.memory_info().rss for p in process_tree(self.proc.pid))
+                self.peak_rss = max(self.peak_rss, rss)
             except psutil.Error:
                 pass
             time.sleep(0.25)
@@ -243,7 +242,8 @@ def measure(targets: list[Target], cells: list[dict], corpus, tokens, duration: 
             for target in loaded if i % 2 == 0 else loaded[::-1]:
                 path = target.prefix + ("/embeddings" if cell["kind"] == "embed" else "/rerank")
                 outcome = asyncio.run(run_cell(target.url, path, body_maker(cell, corpus, tokens),
-                                               cell["concurrency"], duration, server_cpu=target.cpu_seconds))
+                                               cell["concurrency"], duration,
+                                               server_cpu=partial(tree_cpu_seconds, target.proc.pid)))
                 row = {**cell, **outcome.summary()}
                 results[target.name]["cells"].append(row)
                 print(f"{target.name:9s} {cell['kind']:6s} c={cell['concurrency']:<3d} "
