@@ -23,14 +23,14 @@ def write_report(report: dict, out: Path) -> None:
         "",
         f"Raw model ceiling (in-process, best batch size): embed "
         f"{ceiling['embed_items_per_s']:.1f} items/s, rerank {ceiling['rerank_pairs_per_s']:.1f} pairs/s"
-        + _runs(report.get("ceiling_runs")) + ".",
+        + _runs(report.get("ceiling_runs")) + "." + _by_texts(ceiling),
         "",
     ]
     names = [name for name, cells in by_name.items() if cells]  # worker-runpod: cold starts only
     header = "| kind | conc | items/req | format | " + " | ".join(
         f"{n} items/s | {n} p50 ms | {n} p99 ms | {n} err" for n in names)
     if {"worker", "infinity"} <= set(names):
-        header += " | worker/infinity | worker/ceiling"
+        header += " | worker/infinity | worker/ceiling | worker/ceiling for its texts in flight"
     lines += [header + " |", "|" + "---|" * header.count("|")]
     for key in by_name[names[0]]:
         row = [key[0], str(key[1]), str(key[2]), key[3]]
@@ -42,7 +42,9 @@ def write_report(report: dict, out: Path) -> None:
             ours, theirs = by_name["worker"][key], by_name["infinity"].get(key)
             limit = ceiling["embed_items_per_s" if key[0] == "embed" else "rerank_pairs_per_s"]
             ratio = ours["items_per_s"] / theirs["items_per_s"] if theirs and theirs["items_per_s"] else float("nan")
-            row += [f"{ratio:.2f}x", f"{ours['items_per_s'] / limit:.2f}x"]
+            near = _ceiling_in_flight(ceiling, key)
+            row += [f"{ratio:.2f}x", f"{ours['items_per_s'] / limit:.2f}x",
+                    f"{ours['items_per_s'] / near:.2f}x" if near else ""]
         lines.append("| " + " | ".join(row) + " |")
     lines += _cpu_table(by_name, names, ceiling)
     lines += ["", "Cold starts: median of the runs (each run listed), each server alone on the machine; "
@@ -87,6 +89,22 @@ def _cpu_table(by_name: dict, names: list[str], ceiling: dict) -> list[str]:
             row.append(f"{per_item[0] / per_item[1]:.2f}x" if per_item[1] else "")
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def _ceiling_in_flight(ceiling: dict, key: tuple) -> float | None:
+    """The raw model fed as many texts at a time as the embed cell keeps in flight (measured below
+    128 texts; above, the batches are the ceiling's own)."""
+    by_texts = ceiling.get("embed_items_per_s_by_texts", {})
+    return by_texts.get(str(key[1] * key[2])) if key[0] == "embed" else None
+
+
+def _by_texts(ceiling: dict) -> str:
+    by_texts = ceiling.get("embed_items_per_s_by_texts")
+    if not by_texts:
+        return ""
+    rates = ", ".join(f"{n}: {rate:.1f}" for n, rate in by_texts.items())
+    return (f" Fed n texts at a time (a closed loop of c requests of s texts never holds more than "
+            f"c x s; each group sorted by length, batched at its best size), embed items/s: {rates}.")
 
 
 def _runs(runs: list[dict] | None) -> str:
