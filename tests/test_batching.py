@@ -44,6 +44,27 @@ async def test_concurrent_requests_share_batches_and_each_gets_its_own_rows_and_
         assert result["usage"]["prompt_tokens"] == expected
 
 
+async def test_texts_past_the_models_window_share_a_batch_whatever_their_length(core, tiny_models):
+    # the tiny model's window is 128 tokens: both texts are truncated to it and cost the same, so
+    # they go in one engine call although one is three times the other's characters (uncapped,
+    # their lengths would be 67 % padding apart and go in two calls)
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(tiny_models["embed"]), device="cpu")
+    overlong = [("alpha beta gamma " * 600)[:9000], ("delta epsilon " * 300)[:3000]]
+    guard = core.engines.guards["tiny-embed"]
+    batcher = core._batcher("tiny-embed", "embed")
+    before = guard.batches
+    busy = asyncio.ensure_future(core.embed({"model": "tiny-embed", "input": ["busy " * 100] * 32}))
+    while not batcher.in_flight:  # the engine is busy: the overlong texts wait and are batched
+        await asyncio.sleep(0)
+    result = await core.embed({"model": "tiny-embed", "input": overlong})
+    await busy
+    assert guard.batches - before == 2  # the busy call, then one call for both overlong texts
+    got = np.array([d["embedding"] for d in result["data"]])
+    np.testing.assert_allclose(got, st.encode(overlong, normalize_embeddings=True), atol=1e-5)
+
+
 async def test_a_computed_batch_is_returned_without_infinitys_post_processing_sleep(core, monkeypatch):
     """infinity 0.0.78's post-processing thread sleeps 5 ms before finishing almost every batch
     (its guard is always true); the engines are started with that delay at 0, so a lone request
