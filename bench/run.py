@@ -225,17 +225,12 @@ def _ceiling_by_texts(st, sample: list[str]) -> dict[str, float]:
     the best size for it). A closed loop of c requests of s texts never holds more than c x s
     texts, so a server's batches in that cell are no better than these; it can only overlap its
     own overheads (tokenisation, HTTP) with the model, which `encode` does not."""
-    rates = {}
-    for n in TEXTS_IN_FLIGHT:
-        best = 0.0
-        for batch in [b for b in (1, 2, 4, 8, 16) if b <= n and (b > 1 or n < 8)]:  # 1 never wins past 4
-            st.encode(sample[:n], batch_size=batch)
-            start = time.perf_counter()
-            for i in range(0, len(sample), n):
-                st.encode(sample[i:i + n], batch_size=batch)
-            best = max(best, len(sample) / (time.perf_counter() - start))
-        rates[str(n)] = best  # str: the keys survive results.json
-    return rates
+    def grouped(n: int):
+        return lambda items, batch: [st.encode(items[i:i + n], batch_size=batch) for i in range(0, len(items), n)]
+
+    # str keys: they survive results.json; batches of 1 never win past 4 texts
+    return {str(n): _best_rate(grouped(n), sample, [b for b in (1, 2, 4, 8, 16) if b <= n and (b > 1 or n < 8)])[0]
+            for n in TEXTS_IN_FLIGHT}
 
 
 def _mean(a: dict, b: dict) -> dict:
