@@ -34,9 +34,9 @@ from load import run_cell  # noqa: E402
 from workload import texts  # noqa: E402
 
 INFINITY_PY = HERE / ".venv-infinity" / "bin" / "python"
-# Texts in flight (concurrency x texts per request) of the grid's embed cells below 128, where the
-# batches a server can form are smaller than the ceiling's: see `_ceiling_by_texts`.
-TEXTS_IN_FLIGHT = (1, 4, 8, 16, 32, 64)
+# Below this many texts in flight (concurrency x texts per request) a cell's batches are smaller
+# than the ceiling's, and the ceiling is also measured fed that many at a time: `_ceiling_by_texts`.
+SMALL_IN_FLIGHT = 128
 
 
 def free_port() -> int:
@@ -223,7 +223,7 @@ def ceiling(models: dict[str, Path], corpus: list[str], quick: bool) -> dict:
     rerank, rerank_cpu = _best_rate(lambda items, batch: ce.predict(items, batch_size=batch), pairs)
     return {"embed_items_per_s": embed, "rerank_pairs_per_s": rerank,
             "embed_cpu_ms_per_item": embed_cpu, "rerank_cpu_ms_per_pair": rerank_cpu,
-            "embed_items_per_s_by_texts": _ceiling_by_texts(st, sample[:128])}
+            "embed_items_per_s_by_texts": _ceiling_by_texts(st, sample[:SMALL_IN_FLIGHT])}
 
 
 def _ceiling_by_texts(st, sample: list[str]) -> dict[str, float]:
@@ -234,9 +234,11 @@ def _ceiling_by_texts(st, sample: list[str]) -> dict[str, float]:
     def grouped(n: int):
         return lambda items, batch: [st.encode(items[i:i + n], batch_size=batch) for i in range(0, len(items), n)]
 
+    in_flight = sorted({n for c in grid() if c["kind"] == "embed"
+                        if (n := c["concurrency"] * c["size"]) < SMALL_IN_FLIGHT})
     # str keys: they survive results.json; batches of 1 never win past 4 texts
     return {str(n): _best_rate(grouped(n), sample, [b for b in (1, 2, 4, 8, 16) if b <= n and (b > 1 or n < 8)])[0]
-            for n in TEXTS_IN_FLIGHT}
+            for n in in_flight}
 
 
 def _mean(a: dict, b: dict) -> dict:
