@@ -9,7 +9,7 @@ from embedding_worker.config import Settings, model_cache_dir
 
 # Read from the environment but set by platforms or the user, not configuration knobs.
 NOT_KNOBS = {"runpod_pod_id", "runpod_endpoint_id", "runpod_webhook_get_job", "hf_home",
-             "hf_hub_cache", "host", "port"}
+             "hf_hub_cache", "xdg_cache_home", "host", "port"}
 
 
 def test_hub_json_lists_every_setting_with_its_default():
@@ -24,7 +24,8 @@ def test_hub_json_lists_every_setting_with_its_default():
 def test_every_setting_is_documented_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     for name in Settings.model_fields:
-        if name not in {"runpod_pod_id", "runpod_endpoint_id", "runpod_webhook_get_job", "hf_home", "hf_hub_cache"}:
+        if name not in {"runpod_pod_id", "runpod_endpoint_id", "runpod_webhook_get_job", "hf_home", "hf_hub_cache",
+                        "xdg_cache_home"}:
             assert f"`{name.upper()}`" in readme, name
 
 

@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     infinity_queue_size: int = Field(48000, ge=1)
     model_warmup: bool = False
+    onnx_cache: str = ""  # BACKEND=optimum: where exported models are kept (see onnx_cache_dir)
     # --- request limits ---
     max_input_items: int = Field(2048, ge=1)
     max_rerank_documents: int = Field(2048, ge=1)
@@ -124,9 +125,10 @@ class Settings(BaseSettings):
     runpod_pod_id: str = ""
     runpod_endpoint_id: str = ""
     runpod_webhook_get_job: str = ""
-    # honoured as set by the user; only read to decide on the RunPod model cache
+    # honoured as set by the user; only read to decide on the model caches
     hf_home: str = ""
     hf_hub_cache: str = ""
+    xdg_cache_home: str = ""
 
     @property
     def on_runpod(self) -> bool:
@@ -222,6 +224,11 @@ class Settings(BaseSettings):
                     f"{', '.join(DTYPE_ALIASES)}"
                 )
             dtypes.append(DTYPE_ALIASES[raw.lower()])
+        if self.backend == "optimum" and set(dtypes) - {"auto", "float32"}:
+            raise ConfigError(
+                f"DTYPES={self.dtypes!r}: BACKEND=optimum runs the exported float32 model; "
+                f"expected auto or fp32"
+            )
 
         return tuple(
             ModelSpec(source=s, served_name=name, batch_size=b, dtype=d, bundled=bundled)
@@ -277,6 +284,17 @@ def model_cache_dir(settings: Settings) -> str | None:
     if os.path.isdir(settings.runpod_volume_path):
         return os.path.join(settings.runpod_volume_path, "huggingface-cache", "hub")
     return None
+
+
+def onnx_cache_dir(settings: Settings) -> str:
+    """Where BACKEND=optimum keeps its exports: ONNX_CACHE, else beside the models on a RunPod
+    network volume (exported once for every worker), else the user's cache directory."""
+    if settings.onnx_cache:
+        return os.path.expanduser(settings.onnx_cache)
+    if os.path.isdir(settings.runpod_volume_path):
+        return os.path.join(settings.runpod_volume_path, "infinity-embedding-worker", "onnx")
+    root = settings.xdg_cache_home or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "infinity-embedding-worker", "onnx")
 
 
 def prepare_model_cache(settings: Settings) -> None:

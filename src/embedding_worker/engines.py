@@ -10,7 +10,8 @@ import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from .config import Settings, prepare_infinity_environment, prepare_model_cache
+from . import onnx_backend
+from .config import Settings, onnx_cache_dir, prepare_infinity_environment, prepare_model_cache
 from .engine_guard import EngineGuard
 from .errors import BadRequest, ModelNotFound, Unavailable
 
@@ -42,6 +43,7 @@ class Engines:
         self.guards: dict[str, EngineGuard] = {}
         self.windows: dict[str, int | None] = {}  # tokens per input, special tokens included
         self._counters: dict[str, tuple[threading.Lock, Any]] = {}
+        self._onnx: dict[str, onnx_backend.OnnxModel] = {}  # BACKEND=optimum only
 
     @property
     def ready(self) -> bool:
@@ -65,20 +67,27 @@ class Engines:
     def _engine_args(self) -> list[Any]:
         from infinity_emb import EngineArgs
 
-        return [
-            EngineArgs(
-                model_name_or_path=spec.source,
-                served_model_name=spec.served_name,
-                batch_size=spec.batch_size,
-                engine=self.settings.backend,
-                dtype=spec.dtype,
-                device=self.settings.device,
-                model_warmup=self.settings.model_warmup,
-                lengths_via_tokenize=True,  # usage counts real tokens
-                bettertransformer=False,  # deprecated in optimum; plain SDPA is as fast
-            )
-            for spec in self.settings.models
-        ]
+        return [EngineArgs(**self._engine_kwargs(spec)) for spec in self.settings.models]
+
+    def _engine_kwargs(self, spec: Any) -> dict[str, Any]:
+        kwargs = dict(
+            model_name_or_path=spec.source,
+            served_model_name=spec.served_name,
+            batch_size=spec.batch_size,
+            engine=self.settings.backend,
+            dtype=spec.dtype,
+            device=self.settings.device,
+            model_warmup=self.settings.model_warmup,
+            lengths_via_tokenize=True,  # usage counts real tokens
+            bettertransformer=False,  # deprecated in optimum; plain SDPA is as fast
+        )
+        onnx = self._onnx.get(spec.served_name)
+        if onnx is not None:
+            # infinity's own graph optimisation fails under optimum 2.x and writes into the hub
+            # cache; it measured within noise of the plain export. Quantised files lose fidelity.
+            kwargs.update(model_name_or_path=onnx.directory, pooling_method=onnx.pooling,
+                          onnx_disable_optimize=True, onnx_do_not_prefer_quantized=True)
+        return kwargs
 
     def load(self) -> None:
         """Load the weights (slow, blocking). Idempotent; `start` calls it in a worker thread."""
@@ -93,6 +102,12 @@ class Engines:
                 )
         prepare_infinity_environment(self.settings)
         prepare_model_cache(self.settings)
+        if self.settings.backend == "optimum":
+            onnx_backend.require_onnxruntime()
+            onnx_backend.onnx_file_names()
+            cache = onnx_cache_dir(self.settings)
+            self._onnx = {spec.served_name: onnx_backend.prepare(spec.source, cache)
+                          for spec in self.settings.models}
         from infinity_emb import AsyncEngineArray
 
         self._array = AsyncEngineArray.from_args(self._engine_args())
@@ -120,6 +135,8 @@ class Engines:
         for name in self.names:
             engine = self._array[name]
             models = list(engine._model_replicas)  # infinity has no public handle on its models
+            for model in models if name in self._onnx else ():  # before the guard wraps it
+                onnx_backend.fit(model, self._onnx[name])
             self.guards[name] = EngineGuard(name, models, self.settings.engine_stall_timeout)
             self.windows[name] = _window(models[0])
             _count_usage_as_truncated(models[0], self.windows[name])

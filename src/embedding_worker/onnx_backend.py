@@ -1,0 +1,202 @@
+"""BACKEND=optimum (ONNX Runtime): the offline export and the fixes infinity 0.0.78 needs.
+
+infinity's optimum classes (infinity-emb is pinned) load only a directory that already holds a
+`.onnx` file, name that file in a form optimum 2.x cannot find, pool by CLS unless told, truncate
+at the model's position embeddings instead of its sentence-transformers window, and drop a
+cross-encoder's token types. Each silently gives embeddings or scores that differ from
+`BACKEND=torch` or fails; here the model is exported once into a cache, infinity is told the
+pooling, and the rest is mended on the loaded model. Tests hold the result to torch's numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+logger = logging.getLogger("embedding_worker")
+
+# A hub model's files needed to export it or to run its shipped ONNX file; the ONNX variants
+# (O1-O4, quantised) and other frameworks' weights are left on the hub.
+HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors", "pytorch_model.bin",
+             "onnx/model.onnx", "onnx/model.onnx_data"]
+# sentence-transformers modules an ONNX export of the transformer alone reproduces (with
+# infinity's pooling and normalisation); any other module (Dense, ...) would be lost.
+KNOWN_MODULES = {"Transformer", "Pooling", "Normalize"}
+INSTALL_HINT = 'pip install "infinity-emb[optimum]==0.0.78" (or this package\'s [onnx] extra)'
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    """What infinity is given for one model: a directory with a `.onnx` file and its pooling."""
+
+    directory: str
+    pooling: str  # infinity PoolingMethod name: "mean" or "cls" (cross-encoders: "auto")
+    window: int | None  # sentence-transformers' max_seq_length, when the model has one
+
+
+def require_onnxruntime() -> None:
+    try:
+        import onnxruntime  # noqa: F401
+        import optimum.onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"BACKEND=optimum needs ONNX Runtime and optimum ({exc}): "
+                          f"{INSTALL_HINT}") from None
+
+
+def prepare(source: str, cache_root: str) -> OnnxModel:
+    """Resolve `source` to a local directory, read its pooling and window, and export it to ONNX
+    under `cache_root` unless it ships a `.onnx` file. Blocking (the export takes seconds)."""
+    model_dir = _local_dir(source)
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("vision_config") or config.get("audio_config"):
+        raise ConfigError(f"BACKEND=optimum serves text models only; {source} is an image or audio "
+                          f"model: use BACKEND=torch")
+    cross_encoder = any("SequenceClassification" in a for a in config.get("architectures") or [])
+    pooling = "auto" if cross_encoder else _pooling(model_dir, source)
+    if _onnx_files(model_dir):
+        directory = model_dir
+    else:
+        task = "text-classification" if cross_encoder else "feature-extraction"
+        directory = _export(model_dir, Path(cache_root), task)
+    return OnnxModel(str(directory), pooling, _st_window(model_dir))
+
+
+def onnx_file_names() -> None:
+    """infinity lists a local model's `.onnx` files with their directory and hands one to optimum
+    as `file_name`, which optimum 2.x compares with each file's bare name (FileNotFoundError).
+    Hand it the bare name. Idempotent."""
+    from infinity_emb.transformer.crossencoder import optimum as crossencoder
+    from infinity_emb.transformer.embedder import optimum as embedder
+
+    for module in (embedder, crossencoder):
+        listed = module.get_onnx_files
+        if getattr(listed, "bare_name", False):
+            continue
+
+        def bare_name(*, _listed=listed, **kwargs: Any) -> Path:
+            return Path(_listed(**kwargs).name)
+
+        bare_name.bare_name = True  # type: ignore[attr-defined]
+        module.get_onnx_files = bare_name
+
+
+def fit(model: Any, plan: OnnxModel) -> None:
+    """Mend a loaded infinity optimum model. It truncates at `config.max_position_embeddings`:
+    cap that at the model's window (MiniLM: 256, not 512; RoBERTa: 512, not 514). It counts usage
+    with special tokens, unlike the torch classes: count text tokens only. A cross-encoder
+    tokenises pairs without token types, so BERT rerankers scored every document as segment A:
+    tokenise as the model's own tokenizer does."""
+    tokenizer_limit = getattr(model.tokenizer, "model_max_length", None)
+    limits = [plan.window, model.config.max_position_embeddings,
+              tokenizer_limit if isinstance(tokenizer_limit, int) and tokenizer_limit < 1_000_000 else None]
+    window = min(limit for limit in limits if limit)
+    model.config.max_position_embeddings = window
+    model.max_seq_length = window  # what `engines._window` reads
+    model.tokenize_lengths = types.MethodType(_text_tokens, model)
+    if "token_type_ids" in model.model.input_names and hasattr(model, "encode_pre"):
+        from infinity_emb.transformer.crossencoder.optimum import OptimumCrossEncoder
+
+        if isinstance(model, OptimumCrossEncoder):
+            model.encode_pre = types.MethodType(_pairs_with_token_types, model)
+
+
+def _text_tokens(self: Any, texts: list[str]) -> list[int]:
+    encoded = self._infinity_tokenizer(texts, add_special_tokens=False, padding=False,
+                                       truncation=True)
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+def _pairs_with_token_types(self: Any, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    import numpy as np
+
+    encoded = self.tokenizer(pairs, max_length=self.config.max_position_embeddings, padding=True,
+                             truncation="longest_first", return_tensors="np")
+    return {k: v.astype(np.int64) for k, v in encoded.items()}
+
+
+def _local_dir(source: str) -> Path:
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, allow_patterns=HUB_FILES))  # honours HF_HUB_OFFLINE
+
+
+def _onnx_files(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("**/*.onnx"))
+
+
+def _pooling(model_dir: Path, source: str) -> str:
+    """The pooling sentence-transformers applies (mean for a plain transformers model, as
+    sentence-transformers itself falls back to)."""
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        return "mean"
+    modules = json.loads(modules_file.read_text())
+    kinds = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
+    extra = sorted(set(kinds) - KNOWN_MODULES)
+    if extra:
+        raise ConfigError(f"BACKEND=optimum: {source} has sentence-transformers modules "
+                          f"{', '.join(extra)} that the ONNX path leaves out; use BACKEND=torch")
+    if "Pooling" not in kinds:
+        return "mean"
+    config = json.loads((model_dir / kinds["Pooling"]["path"] / "config.json").read_text())
+    modes = sorted(k.removeprefix("pooling_mode_") for k, on in config.items()
+                   if k.startswith("pooling_mode_") and on is True)
+    if modes == ["mean_tokens"]:
+        return "mean"
+    if modes == ["cls_token"]:
+        return "cls"
+    raise ConfigError(f"BACKEND=optimum: {source} pools by {' + '.join(modes) or 'nothing'}; "
+                      f"infinity's ONNX path pools by mean or CLS only: use BACKEND=torch")
+
+
+def _st_window(model_dir: Path) -> int | None:
+    config = model_dir / "sentence_bert_config.json"
+    if not config.is_file():
+        return None
+    value = json.loads(config.read_text()).get("max_seq_length")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _export(model_dir: Path, cache_root: Path, task: str) -> Path:
+    """Export once per model version: the cache key covers every file's name, size and mtime, the
+    task and the exporter's version. Written beside the target and renamed into place, so
+    concurrent workers never load a half-written export."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(f"{task} optimum-onnx {version('optimum-onnx')}".encode())
+    for file in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(model_dir)} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    target = cache_root / f"{model_dir.name}-{digest.hexdigest()[:16]}"
+    if _onnx_files(target):
+        logger.info("ONNX export of %s found in %s", model_dir, target)
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    logger.info("exporting %s to ONNX (once; cached in %s)", model_dir, target)
+    from optimum.exporters.onnx import main_export
+
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=cache_root))
+    try:
+        main_export(str(model_dir), output=staging, task=task, library_name="transformers",
+                    device="cpu", do_validation=False)
+        try:
+            staging.rename(target)
+        except OSError:  # another worker got there first
+            if not _onnx_files(target):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,196 @@
+"""BACKEND=optimum (ONNX Runtime): exported offline once, and held to BACKEND=torch's numbers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from embedding_worker import onnx_backend
+from embedding_worker.config import ConfigError, Settings, bundled_model_path
+from embedding_worker.operations import Core
+from server import BentoServer
+
+TEXTS = [
+    "Hello world",
+    "东京是日本的首都。",
+    "a",
+    # past MiniLM's 256-token window: truncated there, not at its 512 position embeddings
+    "A much longer passage about batching, padding and truncation. " * 60,
+]
+DOCUMENTS = ["the cat sat on the mat", "dogs bark loudly at night", "x",
+             "paris is the capital of france " * 30]
+
+
+def torch_logits(model_dir, query, documents):
+    """The cross-encoder's raw logits as transformers computes them (token types included)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        features = tokenizer([query] * len(documents), documents, padding=True, truncation=True,
+                             return_tensors="pt")
+        return model(**features).logits[:, 0].numpy()
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="module")
+async def core(tiny_models, onnx_cache):
+    previous = Core.current
+    core = Core(Settings(backend="optimum", onnx_cache=str(onnx_cache),
+                         model_names=f"{bundled_model_path()};{tiny_models['rerank']}",
+                         served_model_names="minilm;tiny-rerank"))
+    await core.start()
+    assert core.engines.ready, core.engines.failure
+    yield core
+    await core.stop()
+    Core.current = previous
+
+
+async def test_bundled_minilm_is_exported_offline_and_matches_sentence_transformers(core, onnx_cache):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(bundled_model_path(), device="cpu")
+    result = await core.embed({"model": "minilm", "input": TEXTS})
+    got = np.array([d["embedding"] for d in result["data"]])
+    np.testing.assert_allclose(got, st.encode(TEXTS, normalize_embeddings=True), atol=2e-5)
+    window = st.max_seq_length - 2  # text tokens the model sees, special tokens excluded
+    expected = sum(min(window, len(st.tokenizer(t, add_special_tokens=False)["input_ids"]))
+                   for t in TEXTS)
+    assert result["usage"]["prompt_tokens"] == expected
+    card = core.engines.card("minilm")
+    assert card["backend"] == "optimum"
+    assert core.engines.windows["minilm"] == 256
+    assert sorted(p.name for p in onnx_cache.glob("*/model.onnx")) == ["model.onnx"] * 2
+
+
+async def test_bert_reranker_scores_match_torch_with_token_types(core, tiny_models):
+    query = "where do cats sit"
+    result = await core.rerank({"model": "tiny-rerank", "query": query, "documents": DOCUMENTS,
+                                "raw_scores": True})
+    logits = torch_logits(tiny_models["rerank"], query, DOCUMENTS)
+    got = {r["index"]: r["relevance_score"] for r in result["results"]}
+    np.testing.assert_allclose([got[i] for i in range(len(DOCUMENTS))], logits, atol=1e-5)
+    assert [r["index"] for r in result["results"]] == list(np.argsort(-logits, kind="stable"))
+
+
+def test_an_export_is_made_once_and_found_again(tiny_models, tmp_path):
+    first = onnx_backend.prepare(str(tiny_models["embed"]), str(tmp_path))
+    exported = tmp_path / first.directory.rsplit("/", 1)[-1] / "model.onnx"
+    stamp = exported.stat().st_mtime_ns
+    again = onnx_backend.prepare(str(tiny_models["embed"]), str(tmp_path))
+    assert again == first and exported.stat().st_mtime_ns == stamp
+    assert first.pooling == "mean" and first.window == 128
+    assert [p.name for p in tmp_path.iterdir()] == [exported.parent.name]  # no staging left
+
+
+async def test_a_model_that_ships_its_onnx_file_is_used_as_it_is(tiny_models, tmp_path):
+    # the hub's sentence-transformers layout: the export under onnx/ beside the torch weights
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tiny_models["embed"], shipped)
+    export = onnx_backend.prepare(str(shipped), str(tmp_path / "scratch"))
+    (shipped / "onnx").mkdir()
+    shutil.copy(f"{export.directory}/model.onnx", shipped / "onnx" / "model.onnx")
+    assert onnx_backend.prepare(str(shipped), str(tmp_path / "unused")).directory == str(shipped)
+    assert not (tmp_path / "unused").exists()
+
+    from sentence_transformers import SentenceTransformer
+
+    previous = Core.current
+    core = Core(Settings(backend="optimum", onnx_cache=str(tmp_path / "unused"),
+                         model_names=str(shipped), served_model_names="shipped"))
+    await core.start()
+    try:
+        assert core.engines.ready, core.engines.failure
+        result = await core.embed({"model": "shipped", "input": TEXTS})
+    finally:
+        await core.stop()
+        Core.current = previous
+    got = np.array([d["embedding"] for d in result["data"]])
+    st = SentenceTransformer(str(tiny_models["embed"]), device="cpu")
+    np.testing.assert_allclose(got, st.encode(TEXTS, normalize_embeddings=True), atol=2e-5)
+
+
+def _with_pooling(source, target, **modes):
+    shutil.copytree(source, target)
+    config = target / "1_Pooling" / "config.json"
+    pooling = json.loads(config.read_text())
+    pooling.update({k: False for k in pooling if k.startswith("pooling_mode_")})
+    pooling.update({f"pooling_mode_{k}": v for k, v in modes.items()})
+    config.write_text(json.dumps(pooling))
+    return target
+
+
+def test_pooling_is_read_from_the_model_and_unsupported_pooling_is_refused(tiny_models, tmp_path):
+    cls = _with_pooling(tiny_models["embed"], tmp_path / "cls", cls_token=True)
+    assert onnx_backend.prepare(str(cls), str(tmp_path / "cache")).pooling == "cls"
+    max_ = _with_pooling(tiny_models["embed"], tmp_path / "max", max_tokens=True)
+    with pytest.raises(ConfigError, match="pools by max_tokens; infinity's ONNX path pools by mean "
+                                          "or CLS only: use BACKEND=torch"):
+        onnx_backend.prepare(str(max_), str(tmp_path / "cache"))
+
+
+def test_modules_the_export_would_leave_out_are_refused(tiny_models, tmp_path):
+    dense = tmp_path / "dense"
+    shutil.copytree(tiny_models["embed"], dense)
+    modules = json.loads((dense / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense",
+                       "type": "sentence_transformers.models.Dense"})
+    (dense / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ConfigError, match="has sentence-transformers modules Dense that the ONNX "
+                                          "path leaves out; use BACKEND=torch"):
+        onnx_backend.prepare(str(dense), str(tmp_path / "cache"))
+
+
+def test_image_models_are_refused_with_the_reason(tiny_models, tmp_path):
+    with pytest.raises(ConfigError, match="serves text models only; .* is an image or audio model"):
+        onnx_backend.prepare(str(tiny_models["clip"]), str(tmp_path / "cache"))
+
+
+async def test_a_refused_model_leaves_the_service_unready_with_the_reason(tiny_models, tmp_path):
+    previous = Core.current
+    core = Core(Settings(backend="optimum", onnx_cache=str(tmp_path),
+                         model_names=str(tiny_models["clip"]), served_model_names="clip"))
+    await core.start()
+    try:
+        assert core.engines.state == "failed"
+        assert "BACKEND=optimum serves text models only" in core.engines.failure
+    finally:
+        await core.stop()
+        Core.current = previous
+
+
+@pytest.mark.slow
+def test_bentoml_serve_with_the_onnx_backend_answers_the_openai_client(tiny_models, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    srv = BentoServer({"BACKEND": "optimum", "ONNX_CACHE": str(tmp_path / "cache"),
+                       "MODEL_NAMES": f"{bundled_model_path()};{tiny_models['rerank']}",
+                       "SERVED_MODEL_NAMES": "minilm;tiny-rerank"},
+                      tmp_path / "server.log").start()
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+        result = client.embeddings.create(model="minilm", input=TEXTS)
+        got = np.array([d.embedding for d in result.data])
+        st = SentenceTransformer(bundled_model_path(), device="cpu")
+        np.testing.assert_allclose(got, st.encode(TEXTS, normalize_embeddings=True), atol=2e-5)
+        response = httpx.post(f"{srv.url}/v1/rerank", json={
+            "model": "tiny-rerank", "query": "cats", "documents": DOCUMENTS, "raw_scores": True})
+        assert response.status_code == 200, response.text
+        got = {r["index"]: r["relevance_score"] for r in response.json()["results"]}
+        np.testing.assert_allclose([got[i] for i in range(len(DOCUMENTS))],
+                                   torch_logits(tiny_models["rerank"], "cats", DOCUMENTS), atol=1e-5)
+        assert f"model minilm: source={tmp_path / 'cache'}" in srv.logs()
+        assert "backend=optimum" in srv.logs()
+    finally:
+        srv.stop()
