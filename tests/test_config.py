@@ -66,3 +66,15 @@ def test_mistakes_name_variable_value_and_expectation(env, var, value, expected)
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_the_onnx_backend_takes_float32_only(env):
+    env.setenv("MODEL_NAMES", "a/b;c/d")
+    env.setenv("DTYPES", "auto;bf16")
+    load_settings()  # valid with torch
+    env.setenv("BACKEND", "optimum")
+    with pytest.raises(ConfigError, match="DTYPES='auto;bf16': BACKEND=optimum runs the exported "
+                                          "float32 model; expected auto or fp32"):
+        load_settings()
+    env.setenv("DTYPES", "auto;fp32")
+    assert [m.dtype for m in load_settings().models] == ["auto", "float32"]

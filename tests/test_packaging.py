@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import MINILM, ROOT
-from embedding_worker.config import Settings, model_cache_dir
+from embedding_worker.config import Settings, model_cache_dir, onnx_cache_dir
 
 # Read from the environment but set by platforms or the user, not configuration knobs.
 NOT_KNOBS = {"runpod_pod_id", "runpod_endpoint_id", "runpod_webhook_get_job", "hf_home",
@@ -59,3 +59,16 @@ def test_model_cache_choice(tmp_path, user, baked, volume, expected):
     settings = Settings(baked_model_cache=str(baked_dir), runpod_volume_path=str(volume_dir), **user)
     got = model_cache_dir(settings)
     assert got == (None if expected is None else str(tmp_path / expected))
+
+
+@pytest.mark.parametrize("user, volume, expected", [
+    ({"onnx_cache": "/mine"}, True, "/mine"),
+    ({}, True, "volume/infinity-embedding-worker/onnx"),
+    ({"xdg_cache_home": "/xdg"}, False, "/xdg/infinity-embedding-worker/onnx"),
+])
+def test_onnx_cache_choice(tmp_path, user, volume, expected):
+    volume_dir = tmp_path / "volume"
+    if volume:
+        volume_dir.mkdir()
+    got = onnx_cache_dir(Settings(runpod_volume_path=str(volume_dir), **user))
+    assert got == (expected if expected.startswith("/") else str(tmp_path / expected))
