@@ -84,7 +84,7 @@ class Engines:
         onnx = self._onnx.get(spec.served_name)
         if onnx is not None:
             # infinity's own graph optimisation fails under optimum 2.x and writes into the hub
-            # cache; it measured within noise of the plain export. Quantised files lose fidelity.
+            # cache (our export is fused instead); quantised files lose fidelity.
             kwargs.update(model_name_or_path=onnx.directory, pooling_method=onnx.pooling,
                           onnx_disable_optimize=True, onnx_do_not_prefer_quantized=True)
         return kwargs
@@ -135,8 +135,9 @@ class Engines:
         for name in self.names:
             engine = self._array[name]
             models = list(engine._model_replicas)  # infinity has no public handle on its models
-            for model in models if name in self._onnx else ():  # before the guard wraps it
-                onnx_backend.fit(model, self._onnx[name])
+            if name in self._onnx:  # mend the models before the guard wraps their stages
+                for model in models:
+                    onnx_backend.fit(model, self._onnx[name])
             self.guards[name] = EngineGuard(name, models, self.settings.engine_stall_timeout)
             self.windows[name] = _window(models[0])
             _count_usage_as_truncated(models[0], self.windows[name])

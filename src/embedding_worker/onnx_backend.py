@@ -2,8 +2,8 @@
 
 infinity's optimum classes (infinity-emb is pinned) load only a directory that already holds a
 `.onnx` file, name that file in a form optimum 2.x cannot find, pool by CLS unless told, truncate
-at the model's position embeddings instead of its sentence-transformers window, and drop a
-cross-encoder's token types. Each silently gives embeddings or scores that differ from
+at the model's position embeddings instead of its sentence-transformers window, count usage
+with special tokens, and drop a cross-encoder's token types. Each silently gives embeddings or scores that differ from
 `BACKEND=torch` or fails; here the model is exported once into a cache, infinity is told the
 pooling, and the rest is mended on the loaded model. Tests hold the result to torch's numbers.
 """
