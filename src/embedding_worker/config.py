@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-BACKENDS = ("torch", "optimum", "ctranslate2")
+BACKENDS = ("auto", "torch", "optimum", "ctranslate2")
 # Our spelling -> infinity's Dtype name. The seed README documents fp16/fp8.
 DTYPE_ALIASES = {
     "auto": "auto",
@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     model_names: str = ""
     served_model_names: str = ""
     batch_sizes: str = "32"
-    backend: str = "torch"
+    backend: str = "auto"  # auto: optimum (ONNX Runtime) for text models on a CPU, else torch
     dtypes: str = "auto"
     device: str = "auto"
     infinity_queue_size: int = Field(48000, ge=1)

@@ -74,7 +74,7 @@ class Engines:
             model_name_or_path=spec.source,
             served_model_name=spec.served_name,
             batch_size=spec.batch_size,
-            engine=self.settings.backend,
+            engine="optimum" if spec.served_name in self._onnx else self._other_backend,
             dtype=spec.dtype,
             device=self.settings.device,
             model_warmup=self.settings.model_warmup,
@@ -89,6 +89,35 @@ class Engines:
                           onnx_disable_optimize=True, onnx_do_not_prefer_quantized=True)
         return kwargs
 
+    @property
+    def _other_backend(self) -> str:
+        return "torch" if self.settings.backend in ("auto", "optimum") else self.settings.backend
+
+    def _prepare_onnx(self) -> dict[str, onnx_backend.OnnxModel]:
+        """The models ONNX Runtime serves, exported if need be. BACKEND=optimum: all of them, or
+        a load failure with the reason. BACKEND=auto: on a CPU, each text model in float32 that
+        exports; any other (a GPU, an image model, an export that fails) is served by torch."""
+        backend, models = self.settings.backend, self.settings.models
+        if backend == "auto":
+            if self.device != "cpu" or not onnx_backend.onnxruntime_installed():
+                return {}
+            models = tuple(spec for spec in models if spec.dtype in ("auto", "float32"))
+        elif backend != "optimum":
+            return {}
+        onnx_backend.require_onnxruntime()
+        onnx_backend.onnx_file_names()
+        cache = onnx_cache_dir(self.settings)
+        prepared = {}
+        for spec in models:
+            try:
+                prepared[spec.served_name] = onnx_backend.prepare(spec.source, cache)
+            except Exception as exc:
+                if backend == "optimum":
+                    raise
+                logger.info("model %s: served by torch, not ONNX Runtime: %s", spec.served_name,
+                            f"{type(exc).__name__}: {exc}".splitlines()[0])
+        return prepared
+
     def load(self) -> None:
         """Load the weights (slow, blocking). Idempotent; `start` calls it in a worker thread."""
         if self._array is not None:
@@ -102,12 +131,7 @@ class Engines:
                 )
         prepare_infinity_environment(self.settings)
         prepare_model_cache(self.settings)
-        if self.settings.backend == "optimum":
-            onnx_backend.require_onnxruntime()
-            onnx_backend.onnx_file_names()
-            cache = onnx_cache_dir(self.settings)
-            self._onnx = {spec.served_name: onnx_backend.prepare(spec.source, cache)
-                          for spec in self.settings.models}
+        self._onnx = self._prepare_onnx()
         from infinity_emb import AsyncEngineArray
 
         self._array = AsyncEngineArray.from_args(self._engine_args())
@@ -144,14 +168,15 @@ class Engines:
             _no_result_delay(engine)
             args = engine.engine_args
             logger.info(
-                "model %s: source=%s backend=%s dtype=%s device=%s batch_size=%d capabilities=%s",
+                "model %s: source=%s backend=%s dtype=%s device=%s batch_size=%d capabilities=%s%s",
                 name,
-                args.model_name_or_path,
+                self.specs[name].source,
                 args.engine.value,
                 args.dtype.value,
                 self.device,
                 args.batch_size,
                 ",".join(sorted(engine.capabilities)),
+                f" onnx={args.model_name_or_path}" if name in self._onnx else "",
             )
         self.state = "ready"
 

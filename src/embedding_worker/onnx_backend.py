@@ -36,7 +36,7 @@ KNOWN_MODULES = {"Transformer", "Pooling", "Normalize"}
 # torch by the tests); others are served as exported.
 FUSED_MODEL_TYPES = {"bert"}
 EXPORT_FORMAT = "fused-1"  # part of the cache key: bump when the export step changes
-INSTALL_HINT = 'pip install "infinity-emb[optimum]==0.0.78" (or this package\'s [onnx] extra)'
+INSTALL_HINT = 'pip install "infinity-emb[torch,optimum]==0.0.78"'
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,12 @@ class OnnxModel:
     directory: str
     pooling: str  # infinity PoolingMethod name: "mean" or "cls" (cross-encoders: "auto")
     window: int | None  # sentence-transformers' max_seq_length, when the model has one
+
+
+def onnxruntime_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "optimum"))
 
 
 def require_onnxruntime() -> None:
