@@ -152,9 +152,53 @@ def test_modules_the_export_would_leave_out_are_refused(tiny_models, tmp_path):
         onnx_backend.prepare(str(dense), str(tmp_path / "cache"))
 
 
-def test_image_models_are_refused_with_the_reason(tiny_models, tmp_path):
+def test_image_models_and_classifiers_are_refused_with_the_reason(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="serves text models only; .* is an image or audio model"):
         onnx_backend.prepare(str(tiny_models["clip"]), str(tmp_path / "cache"))
+    classifier = tmp_path / "classifier"
+    shutil.copytree(tiny_models["rerank"], classifier)
+    config = json.loads((classifier / "config.json").read_text())
+    config["id2label"] = {"0": "negative", "1": "positive"}
+    (classifier / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="serves embedders and rerankers; .* is a classifier"):
+        onnx_backend.prepare(str(classifier), str(tmp_path / "cache"))
+
+
+async def test_auto_falls_back_to_torch_when_onnx_runtime_cannot_load(tiny_models, tmp_path,
+                                                                      caplog):
+    from sentence_transformers import SentenceTransformer
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["embed"], broken)
+    (broken / "onnx").mkdir()
+    (broken / "onnx" / "model.onnx").write_bytes(b"not an ONNX graph")
+    previous = Core.current
+    core = Core(Settings(onnx_cache=str(tmp_path / "cache"),
+                         model_names=f"{broken};{tiny_models['rerank']}",
+                         served_model_names="broken;rerank"))
+    with caplog.at_level("WARNING", logger="embedding_worker"):
+        await core.start()
+    try:
+        assert core.engines.ready, core.engines.failure
+        assert {core.engines.card(n)["backend"] for n in ("broken", "rerank")} == {"torch"}
+        assert "ONNX Runtime could not load the models, serving them all by torch" in caplog.text
+        result = await core.embed({"model": "broken", "input": TEXTS})
+    finally:
+        await core.stop()
+        Core.current = previous
+    got = np.array([d["embedding"] for d in result["data"]])
+    st = SentenceTransformer(str(tiny_models["embed"]), device="cpu")
+    np.testing.assert_allclose(got, st.encode(TEXTS, normalize_embeddings=True), atol=2e-5)
+
+    previous = Core.current
+    core = Core(Settings(backend="optimum", onnx_cache=str(tmp_path / "cache"),
+                         model_names=str(broken), served_model_names="broken"))
+    await core.start()  # asked for ONNX Runtime explicitly: unready, with the reason
+    try:
+        assert core.engines.state == "failed" and core.engines.failure
+    finally:
+        await core.stop()
+        Core.current = previous
 
 
 async def test_auto_serves_with_torch_what_onnx_runtime_cannot(tiny_models, tmp_path, caplog):

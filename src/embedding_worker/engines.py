@@ -115,7 +115,7 @@ class Engines:
                 if backend == "optimum":
                     raise
                 logger.info("model %s: served by torch, not ONNX Runtime: %s", spec.served_name,
-                            f"{type(exc).__name__}: {exc}".splitlines()[0])
+                            _one_line(exc))
         return prepared
 
     def load(self) -> None:
@@ -134,7 +134,15 @@ class Engines:
         self._onnx = self._prepare_onnx()
         from infinity_emb import AsyncEngineArray
 
-        self._array = AsyncEngineArray.from_args(self._engine_args())
+        try:
+            self._array = AsyncEngineArray.from_args(self._engine_args())
+        except Exception as exc:
+            if self.settings.backend != "auto" or not self._onnx:
+                raise
+            logger.warning("ONNX Runtime could not load the models, serving them all by torch: %s",
+                           _one_line(exc))
+            self._onnx = {}
+            self._array = AsyncEngineArray.from_args(self._engine_args())
 
     async def start(self) -> None:
         """Load weights in a worker thread (keeps /livez answering), then start the batch loops
@@ -153,7 +161,7 @@ class Engines:
         except Exception as exc:
             # Stay up and unready (503 with the reason) rather than crash-looping the worker.
             self.state = "failed"
-            self.failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            self.failure = _one_line(exc)
             logger.error("model loading failed, the service stays unready: %s", self.failure)
             return
         for name in self.names:
@@ -271,6 +279,10 @@ class Engines:
                 "results_pending": status.results_absolute,
             },
         }
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def _tokenizer(model: Any) -> Any:

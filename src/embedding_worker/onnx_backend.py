@@ -72,6 +72,9 @@ def prepare(source: str, cache_root: str) -> OnnxModel:
         raise ConfigError(f"BACKEND=optimum serves text models only; {source} is an image or audio "
                           f"model: use BACKEND=torch")
     cross_encoder = any("SequenceClassification" in a for a in config.get("architectures") or [])
+    if cross_encoder and len(config.get("id2label") or {"0": ""}) > 1:
+        raise ConfigError(f"BACKEND=optimum serves embedders and rerankers; {source} is a "
+                          f"classifier: use BACKEND=torch")
     pooling = "auto" if cross_encoder else _pooling(model_dir, source)
     if _onnx_files(model_dir):
         directory = model_dir
@@ -107,17 +110,17 @@ def fit(model: Any, plan: OnnxModel) -> None:
     tokenises pairs without token types, so BERT rerankers scored every document as segment A:
     tokenise as the model's own tokenizer does."""
     tokenizer_limit = getattr(model.tokenizer, "model_max_length", None)
-    limits = [plan.window, model.config.max_position_embeddings,
-              tokenizer_limit if isinstance(tokenizer_limit, int) and tokenizer_limit < 1_000_000 else None]
+    if not isinstance(tokenizer_limit, int) or tokenizer_limit >= 1_000_000:  # "no limit"
+        tokenizer_limit = None
+    limits = [plan.window, model.config.max_position_embeddings, tokenizer_limit]
     window = min(limit for limit in limits if limit)
     model.config.max_position_embeddings = window
     model.max_seq_length = window  # what `engines._window` reads
     model.tokenize_lengths = types.MethodType(_text_tokens, model)
-    if "token_type_ids" in model.model.input_names and hasattr(model, "encode_pre"):
-        from infinity_emb.transformer.crossencoder.optimum import OptimumCrossEncoder
+    from infinity_emb.transformer.crossencoder.optimum import OptimumCrossEncoder
 
-        if isinstance(model, OptimumCrossEncoder):
-            model.encode_pre = types.MethodType(_pairs_with_token_types, model)
+    if isinstance(model, OptimumCrossEncoder) and "token_type_ids" in model.model.input_names:
+        model.encode_pre = types.MethodType(_pairs_with_token_types, model)
 
 
 def _text_tokens(self: Any, texts: list[str]) -> list[int]:
