@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -26,6 +27,27 @@ DOCUMENTS = ["the cat sat on the mat", "dogs bark loudly at night", "x",
              "paris is the capital of france " * 30]
 
 
+@contextlib.asynccontextmanager
+async def running(**settings):
+    """A started core, ready or not (some tests expect a failed start)."""
+    previous = Core.current
+    core = Core(Settings(**settings))
+    await core.start()
+    try:
+        yield core
+    finally:
+        await core.stop()
+        Core.current = previous
+
+
+def assert_like_sentence_transformers(result, model_dir):
+    from sentence_transformers import SentenceTransformer
+
+    got = np.array([d["embedding"] for d in result["data"]])
+    st = SentenceTransformer(str(model_dir), device="cpu")
+    np.testing.assert_allclose(got, st.encode(TEXTS, normalize_embeddings=True), atol=2e-5)
+
+
 def torch_logits(model_dir, query, documents):
     """The cross-encoder's raw logits as transformers computes them (token types included)."""
     import torch
@@ -46,15 +68,11 @@ def onnx_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 async def core(tiny_models, onnx_cache):
-    previous = Core.current
-    core = Core(Settings(backend="optimum", onnx_cache=str(onnx_cache),
-                         model_names=f"{bundled_model_path()};{tiny_models['rerank']}",
-                         served_model_names="minilm;tiny-rerank"))
-    await core.start()
-    assert core.engines.ready, core.engines.failure
-    yield core
-    await core.stop()
-    Core.current = previous
+    async with running(backend="optimum", onnx_cache=str(onnx_cache),
+                       model_names=f"{bundled_model_path()};{tiny_models['rerank']}",
+                       served_model_names="minilm;tiny-rerank") as core:
+        assert core.engines.ready, core.engines.failure
+        yield core
 
 
 async def test_bundled_minilm_is_exported_offline_and_matches_sentence_transformers(core, onnx_cache):
@@ -104,21 +122,11 @@ async def test_a_model_that_ships_its_onnx_file_is_used_as_it_is(tiny_models, tm
     assert onnx_backend.prepare(str(shipped), str(tmp_path / "unused")).directory == str(shipped)
     assert not (tmp_path / "unused").exists()
 
-    from sentence_transformers import SentenceTransformer
-
-    previous = Core.current
-    core = Core(Settings(backend="optimum", onnx_cache=str(tmp_path / "unused"),
-                         model_names=str(shipped), served_model_names="shipped"))
-    await core.start()
-    try:
+    async with running(backend="optimum", onnx_cache=str(tmp_path / "unused"),
+                       model_names=str(shipped), served_model_names="shipped") as core:
         assert core.engines.ready, core.engines.failure
         result = await core.embed({"model": "shipped", "input": TEXTS})
-    finally:
-        await core.stop()
-        Core.current = previous
-    got = np.array([d["embedding"] for d in result["data"]])
-    st = SentenceTransformer(str(tiny_models["embed"]), device="cpu")
-    np.testing.assert_allclose(got, st.encode(TEXTS, normalize_embeddings=True), atol=2e-5)
+    assert_like_sentence_transformers(result, tiny_models["embed"])
 
 
 def _with_pooling(source, target, **modes):
@@ -166,79 +174,48 @@ def test_image_models_and_classifiers_are_refused_with_the_reason(tiny_models, t
 
 async def test_auto_falls_back_to_torch_when_onnx_runtime_cannot_load(tiny_models, tmp_path,
                                                                       caplog):
-    from sentence_transformers import SentenceTransformer
-
     broken = tmp_path / "broken"
     shutil.copytree(tiny_models["embed"], broken)
     (broken / "onnx").mkdir()
     (broken / "onnx" / "model.onnx").write_bytes(b"not an ONNX graph")
-    previous = Core.current
-    core = Core(Settings(onnx_cache=str(tmp_path / "cache"),
-                         model_names=f"{broken};{tiny_models['rerank']}",
-                         served_model_names="broken;rerank"))
     with caplog.at_level("WARNING", logger="embedding_worker"):
-        await core.start()
-    try:
-        assert core.engines.ready, core.engines.failure
-        assert {core.engines.card(n)["backend"] for n in ("broken", "rerank")} == {"torch"}
-        assert "ONNX Runtime could not load the models, serving them all by torch" in caplog.text
-        result = await core.embed({"model": "broken", "input": TEXTS})
-    finally:
-        await core.stop()
-        Core.current = previous
-    got = np.array([d["embedding"] for d in result["data"]])
-    st = SentenceTransformer(str(tiny_models["embed"]), device="cpu")
-    np.testing.assert_allclose(got, st.encode(TEXTS, normalize_embeddings=True), atol=2e-5)
-
-    previous = Core.current
-    core = Core(Settings(backend="optimum", onnx_cache=str(tmp_path / "cache"),
-                         model_names=str(broken), served_model_names="broken"))
-    await core.start()  # asked for ONNX Runtime explicitly: unready, with the reason
-    try:
+        async with running(onnx_cache=str(tmp_path / "cache"),
+                           model_names=f"{broken};{tiny_models['rerank']}",
+                           served_model_names="broken;rerank") as core:
+            assert core.engines.ready, core.engines.failure
+            assert {core.engines.card(n)["backend"] for n in ("broken", "rerank")} == {"torch"}
+            result = await core.embed({"model": "broken", "input": TEXTS})
+    assert "ONNX Runtime could not load the models, serving them all by torch" in caplog.text
+    assert_like_sentence_transformers(result, tiny_models["embed"])
+    # asked for ONNX Runtime explicitly: unready, with the reason
+    async with running(backend="optimum", onnx_cache=str(tmp_path / "cache"),
+                       model_names=str(broken), served_model_names="broken") as core:
         assert core.engines.state == "failed" and core.engines.failure
-    finally:
-        await core.stop()
-        Core.current = previous
 
 
 async def test_auto_serves_with_torch_what_onnx_runtime_cannot(tiny_models, tmp_path, caplog):
     # a model ONNX Runtime cannot serve (max pooling) and one asked for in bfloat16 go to torch,
     # the rest to ONNX Runtime; the start-up log says why
-    from sentence_transformers import SentenceTransformer
-
     max_ = _with_pooling(tiny_models["embed"], tmp_path / "max", max_tokens=True)
-    previous = Core.current
-    core = Core(Settings(onnx_cache=str(tmp_path / "cache"), dtypes="auto;bf16;auto",
-                         model_names=f"{max_};{tiny_models['embed']};{tiny_models['rerank']}",
-                         served_model_names="max;bf16;rerank"))
     with caplog.at_level("INFO", logger="embedding_worker"):
-        await core.start()
-    try:
-        assert core.engines.ready, core.engines.failure
-        backends = {name: core.engines.card(name)["backend"] for name in ("max", "bf16", "rerank")}
-        assert backends == {"max": "torch", "bf16": "torch", "rerank": "optimum"}
-        assert ("model max: served by torch, not ONNX Runtime: ConfigError: BACKEND=optimum: "
-                f"{max_} pools by max_tokens") in caplog.text
-        result = await core.embed({"model": "max", "input": TEXTS})
-    finally:
-        await core.stop()
-        Core.current = previous
-    got = np.array([d["embedding"] for d in result["data"]])
-    st = SentenceTransformer(str(max_), device="cpu")
-    np.testing.assert_allclose(got, st.encode(TEXTS, normalize_embeddings=True), atol=2e-5)
+        async with running(onnx_cache=str(tmp_path / "cache"), dtypes="auto;bf16;auto",
+                           model_names=f"{max_};{tiny_models['embed']};{tiny_models['rerank']}",
+                           served_model_names="max;bf16;rerank") as core:
+            assert core.engines.ready, core.engines.failure
+            backends = {name: core.engines.card(name)["backend"]
+                        for name in ("max", "bf16", "rerank")}
+            assert backends == {"max": "torch", "bf16": "torch", "rerank": "optimum"}
+            result = await core.embed({"model": "max", "input": TEXTS})
+    assert ("model max: served by torch, not ONNX Runtime: ConfigError: BACKEND=optimum: "
+            f"{max_} pools by max_tokens") in caplog.text
+    assert_like_sentence_transformers(result, max_)
 
 
 async def test_a_refused_model_leaves_the_service_unready_with_the_reason(tiny_models, tmp_path):
-    previous = Core.current
-    core = Core(Settings(backend="optimum", onnx_cache=str(tmp_path),
-                         model_names=str(tiny_models["clip"]), served_model_names="clip"))
-    await core.start()
-    try:
+    async with running(backend="optimum", onnx_cache=str(tmp_path),
+                       model_names=str(tiny_models["clip"]), served_model_names="clip") as core:
         assert core.engines.state == "failed"
         assert "BACKEND=optimum serves text models only" in core.engines.failure
-    finally:
-        await core.stop()
-        Core.current = previous
 
 
 @pytest.mark.slow
