@@ -29,6 +29,14 @@ def test_every_setting_is_documented_in_the_readme():
             assert f"`{name.upper()}`" in readme, name
 
 
+def test_the_default_config_file_lists_the_built_in_defaults():
+    lines = (ROOT / "configs/default.env").read_text().splitlines()
+    values = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    assert values  # the file claims every value in it is the built-in default
+    for key, value in values.items():
+        assert str(Settings.model_fields[key.lower()].default) == value, key
+
+
 def test_test_input_is_the_seed_example_on_the_bundled_model():
     job = json.loads((ROOT / "test_input.json").read_text())
     assert job == {"input": {"model": MINILM, "input": "Hello, world!"}}

@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     infinity_queue_size: int = Field(48000, ge=1)
     model_warmup: bool = False
-    onnx_cache: str = ""  # BACKEND=optimum: where exported models are kept (see onnx_cache_dir)
+    onnx_cache: str = ""  # where ONNX Runtime's exports are kept (see onnx_cache_dir)
     # --- request limits ---
     max_input_items: int = Field(2048, ge=1)
     max_rerank_documents: int = Field(2048, ge=1)
@@ -287,8 +287,9 @@ def model_cache_dir(settings: Settings) -> str | None:
 
 
 def onnx_cache_dir(settings: Settings) -> str:
-    """Where BACKEND=optimum keeps its exports: ONNX_CACHE, else beside the models on a RunPod
-    network volume (exported once for every worker), else the user's cache directory."""
+    """Where ONNX Runtime's exports are kept (BACKEND=auto on a CPU, or optimum): ONNX_CACHE,
+    else beside the models on a RunPod network volume (exported once for every worker), else the
+    user's cache directory."""
     if settings.onnx_cache:
         return os.path.expanduser(settings.onnx_cache)
     if os.path.isdir(settings.runpod_volume_path):

@@ -43,7 +43,7 @@ class Engines:
         self.guards: dict[str, EngineGuard] = {}
         self.windows: dict[str, int | None] = {}  # tokens per input, special tokens included
         self._counters: dict[str, tuple[threading.Lock, Any]] = {}
-        self._onnx: dict[str, onnx_backend.OnnxModel] = {}  # BACKEND=optimum only
+        self._onnx: dict[str, onnx_backend.OnnxModel] = {}  # the models ONNX Runtime serves
 
     @property
     def ready(self) -> bool:
@@ -74,7 +74,7 @@ class Engines:
             model_name_or_path=spec.source,
             served_model_name=spec.served_name,
             batch_size=spec.batch_size,
-            engine="optimum" if spec.served_name in self._onnx else self._other_backend,
+            engine="optimum" if spec.served_name in self._onnx else self._fallback_backend,
             dtype=spec.dtype,
             device=self.settings.device,
             model_warmup=self.settings.model_warmup,
@@ -90,8 +90,9 @@ class Engines:
         return kwargs
 
     @property
-    def _other_backend(self) -> str:
-        return "torch" if self.settings.backend in ("auto", "optimum") else self.settings.backend
+    def _fallback_backend(self) -> str:
+        """What serves a model ONNX Runtime does not (with BACKEND=optimum, none)."""
+        return "torch" if self.settings.backend == "auto" else self.settings.backend
 
     def _prepare_onnx(self) -> dict[str, onnx_backend.OnnxModel]:
         """The models ONNX Runtime serves, exported if need be. BACKEND=optimum: all of them, or
@@ -103,6 +104,8 @@ class Engines:
                 return {}
             models = tuple(spec for spec in models if spec.dtype in ("auto", "float32"))
         elif backend != "optimum":
+            return {}
+        if not models:
             return {}
         onnx_backend.require_onnxruntime()
         onnx_backend.onnx_file_names()
