@@ -102,6 +102,42 @@ async def test_bert_reranker_scores_match_torch_with_token_types(core, tiny_mode
     assert [r["index"] for r in result["results"]] == list(np.argsort(-logits, kind="stable"))
 
 
+# Queries and passages in one batch: more tokens than GROUP_TOKENS once padded, so the ONNX path
+# runs them as several length-sorted groups and must put each row back in its place.
+MIXED = [("short query %d" % i) if i % 3 else ("passage words about item %d " % i) * (4 + 3 * i)
+         for i in range(30)]
+
+
+def test_token_groups_keep_each_row_once_within_the_budget():
+    lengths = [5, 300, 40, 40, 7, 1200, 90, 3, 250]
+    groups = onnx_backend.token_groups(lengths, 512)
+    assert sorted(row for group in groups for row in group) == list(range(len(lengths)))
+    for group in groups:
+        assert max(lengths[r] for r in group) * len(group) <= 512 or len(group) == 1
+    assert [5] in groups  # a row past the budget runs alone
+    assert onnx_backend.token_groups([], 512) == []
+    assert onnx_backend.token_groups([10] * 8, 1024) == [list(range(8))]
+
+
+async def test_a_mixed_batch_runs_in_groups_and_keeps_its_order(core, tiny_models):
+    from sentence_transformers import SentenceTransformer
+
+    model = core.engines._array["minilm"]._model_replicas[0]
+    lengths = model.encode_pre(MIXED).value["attention_mask"].sum(axis=1).tolist()  # guarded stage
+    assert len(onnx_backend.token_groups(lengths, onnx_backend.GROUP_TOKENS)) > 2
+    result = await core.embed({"model": "minilm", "input": MIXED})
+    st = SentenceTransformer(bundled_model_path(), device="cpu")
+    got = np.array([d["embedding"] for d in result["data"]])
+    np.testing.assert_allclose(got, st.encode(MIXED, normalize_embeddings=True), atol=2e-5)
+
+    query = "where do items sit"
+    result = await core.rerank({"model": "tiny-rerank", "query": query, "documents": MIXED,
+                                "raw_scores": True})
+    got = {r["index"]: r["relevance_score"] for r in result["results"]}
+    np.testing.assert_allclose([got[i] for i in range(len(MIXED))],
+                               torch_logits(tiny_models["rerank"], query, MIXED), atol=1e-5)
+
+
 def test_an_export_is_made_once_and_found_again(tiny_models, tmp_path):
     first = onnx_backend.prepare(str(tiny_models["embed"]), str(tmp_path))
     exported = tmp_path / first.directory.rsplit("/", 1)[-1] / "model.onnx"

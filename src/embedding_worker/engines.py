@@ -171,8 +171,9 @@ class Engines:
             engine = self._array[name]
             models = list(engine._model_replicas)  # infinity has no public handle on its models
             if name in self._onnx:  # mend the models before the guard wraps their stages
+                group = onnx_backend.GROUP_TOKENS if self.device == "cpu" else None
                 for model in models:
-                    onnx_backend.fit(model, self._onnx[name])
+                    onnx_backend.fit(model, self._onnx[name], group_tokens=group)
             self.guards[name] = EngineGuard(name, models, self.settings.engine_stall_timeout)
             self.windows[name] = _window(models[0])
             _count_usage_as_truncated(models[0], self.windows[name])
