@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -15,11 +16,39 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from embedding_worker.config import BUNDLED_MODEL_ID, bundled_model_path  # noqa: E402
+from embedding_worker.config import BUNDLED_MODEL_ID, Settings, bundled_model_path  # noqa: E402
+from embedding_worker.operations import Core  # noqa: E402
 from imagehost import ImageHost  # noqa: E402
 from models import make_tiny_clip, make_tiny_embedder, make_tiny_reranker  # noqa: E402
 
 MINILM = BUNDLED_MODEL_ID
+
+
+@contextlib.asynccontextmanager
+async def running(**settings):
+    """A started core, ready or not (some tests expect a failed start). The in-process
+    service's validators consult `Core.current`: restored after."""
+    previous = Core.current
+    core = Core(Settings(**settings))
+    await core.start()
+    try:
+        yield core
+    finally:
+        await core.stop()
+        Core.current = previous
+
+
+def torch_logits(model_dir, query, documents):
+    """The cross-encoder's raw logits as transformers computes them (token types included)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        features = tokenizer([query] * len(documents), documents, padding=True, truncation=True,
+                             return_tensors="pt")
+        return model(**features).logits[:, 0].numpy()
 
 
 @pytest.fixture(scope="session")

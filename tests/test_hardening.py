@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import MINILM
+from conftest import MINILM, running
 from embedding_worker.config import Settings, bundled_model_path
 from embedding_worker.errors import (
     BadRequest,
@@ -39,15 +39,9 @@ def faulty_reranker(tmp_path_factory):
 
 @contextlib.asynccontextmanager
 async def started(**settings):
-    previous = Core.current
-    core = Core(Settings(**settings))
-    await core.start()
-    assert core.ready, core.engines.failure
-    try:
+    async with running(**settings) as core:
+        assert core.ready, core.engines.failure
         yield core
-    finally:
-        await core.stop()
-        Core.current = previous  # the in-process service's validators consult it
 
 
 def minilm(**extra):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 
@@ -13,7 +12,7 @@ import pytest
 
 from embedding_worker import onnx_backend
 from embedding_worker.config import ConfigError, Settings, bundled_model_path
-from embedding_worker.operations import Core
+from conftest import running, torch_logits
 from server import BentoServer
 
 TEXTS = [
@@ -27,38 +26,12 @@ DOCUMENTS = ["the cat sat on the mat", "dogs bark loudly at night", "x",
              "paris is the capital of france " * 30]
 
 
-@contextlib.asynccontextmanager
-async def running(**settings):
-    """A started core, ready or not (some tests expect a failed start)."""
-    previous = Core.current
-    core = Core(Settings(**settings))
-    await core.start()
-    try:
-        yield core
-    finally:
-        await core.stop()
-        Core.current = previous
-
-
 def assert_like_sentence_transformers(result, model_dir):
     from sentence_transformers import SentenceTransformer
 
     got = np.array([d["embedding"] for d in result["data"]])
     st = SentenceTransformer(str(model_dir), device="cpu")
     np.testing.assert_allclose(got, st.encode(TEXTS, normalize_embeddings=True), atol=2e-5)
-
-
-def torch_logits(model_dir, query, documents):
-    """The cross-encoder's raw logits as transformers computes them (token types included)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    with torch.no_grad():
-        features = tokenizer([query] * len(documents), documents, padding=True, truncation=True,
-                             return_tensors="pt")
-        return model(**features).logits[:, 0].numpy()
 
 
 @pytest.fixture(scope="module")
@@ -100,42 +73,6 @@ async def test_bert_reranker_scores_match_torch_with_token_types(core, tiny_mode
     got = {r["index"]: r["relevance_score"] for r in result["results"]}
     np.testing.assert_allclose([got[i] for i in range(len(DOCUMENTS))], logits, atol=1e-5)
     assert [r["index"] for r in result["results"]] == list(np.argsort(-logits, kind="stable"))
-
-
-# Queries and passages in one batch: more tokens than GROUP_TOKENS once padded, so the ONNX path
-# runs them as several length-sorted groups and must put each row back in its place.
-MIXED = [("short query %d" % i) if i % 3 else ("passage words about item %d " % i) * (4 + 3 * i)
-         for i in range(30)]
-
-
-def test_token_groups_keep_each_row_once_within_the_budget():
-    lengths = [5, 300, 40, 40, 7, 1200, 90, 3, 250]
-    groups = onnx_backend.token_groups(lengths, 512)
-    assert sorted(row for group in groups for row in group) == list(range(len(lengths)))
-    for group in groups:
-        assert max(lengths[r] for r in group) * len(group) <= 512 or len(group) == 1
-    assert [5] in groups  # a row past the budget runs alone
-    assert onnx_backend.token_groups([], 512) == []
-    assert onnx_backend.token_groups([10] * 8, 1024) == [list(range(8))]
-
-
-async def test_a_mixed_batch_runs_in_groups_and_keeps_its_order(core, tiny_models):
-    from sentence_transformers import SentenceTransformer
-
-    model = core.engines._array["minilm"]._model_replicas[0]
-    lengths = model.encode_pre(MIXED).value["attention_mask"].sum(axis=1).tolist()  # guarded stage
-    assert len(onnx_backend.token_groups(lengths, onnx_backend.GROUP_TOKENS)) > 2
-    result = await core.embed({"model": "minilm", "input": MIXED})
-    st = SentenceTransformer(bundled_model_path(), device="cpu")
-    got = np.array([d["embedding"] for d in result["data"]])
-    np.testing.assert_allclose(got, st.encode(MIXED, normalize_embeddings=True), atol=2e-5)
-
-    query = "where do items sit"
-    result = await core.rerank({"model": "tiny-rerank", "query": query, "documents": MIXED,
-                                "raw_scores": True})
-    got = {r["index"]: r["relevance_score"] for r in result["results"]}
-    np.testing.assert_allclose([got[i] for i in range(len(MIXED))],
-                               torch_logits(tiny_models["rerank"], query, MIXED), atol=1e-5)
 
 
 def test_an_export_is_made_once_and_found_again(tiny_models, tmp_path):

@@ -10,7 +10,7 @@ import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from . import onnx_backend
+from . import grouping, onnx_backend
 from .config import Settings, onnx_cache_dir, prepare_infinity_environment, prepare_model_cache
 from .engine_guard import EngineGuard
 from .errors import BadRequest, ModelNotFound, Unavailable
@@ -171,9 +171,11 @@ class Engines:
             engine = self._array[name]
             models = list(engine._model_replicas)  # infinity has no public handle on its models
             if name in self._onnx:  # mend the models before the guard wraps their stages
-                group = onnx_backend.GROUP_TOKENS if self.device == "cpu" else None
                 for model in models:
-                    onnx_backend.fit(model, self._onnx[name], group_tokens=group)
+                    onnx_backend.fit(model, self._onnx[name])
+            if self.device == "cpu":
+                for model in models:
+                    grouping.group_batches(model)
             self.guards[name] = EngineGuard(name, models, self.settings.engine_stall_timeout)
             self.windows[name] = _window(models[0])
             _count_usage_as_truncated(models[0], self.windows[name])

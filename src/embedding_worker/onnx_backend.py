@@ -35,11 +35,6 @@ KNOWN_MODULES = {"Transformer", "Pooling", "Normalize"}
 # Architectures whose export is fused by ONNX Runtime's transformer optimizer (checked against
 # torch by the tests); others are served as exported.
 FUSED_MODEL_TYPES = {"bert"}
-# On a CPU a batch is run as length-sorted groups of at most this many tokens (rows x the group's
-# longest row) rather than padded whole to its longest text: 32 mixed queries and passages
-# padded together spend ~18 % of the work on padding and build large attention tensors.
-# Measured in-process (docs/performance.md): +25 % embed and rerank items/s; 512-2048 are alike.
-GROUP_TOKENS = 1024
 EXPORT_FORMAT = "fused-1"  # part of the cache key: bump when the export step changes
 INSTALL_HINT = 'pip install "infinity-emb[torch,optimum]==0.0.78"'
 
@@ -108,9 +103,8 @@ def onnx_file_names() -> None:
         module.get_onnx_files = bare_name
 
 
-def fit(model: Any, plan: OnnxModel, *, group_tokens: int | None = None) -> None:
-    """Mend a loaded infinity optimum model, and with `group_tokens` run its batches in
-    length-sorted groups of at most that many tokens (see GROUP_TOKENS). It truncates at `config.max_position_embeddings`:
+def fit(model: Any, plan: OnnxModel) -> None:
+    """Mend a loaded infinity optimum model. It truncates at `config.max_position_embeddings`:
     cap that at the model's window (MiniLM: 256, not 512; RoBERTa: 512, not 514). It counts usage
     with special tokens, unlike the torch classes: count text tokens only. A cross-encoder
     tokenises pairs without token types, so BERT rerankers scored every document as segment A:
@@ -125,64 +119,8 @@ def fit(model: Any, plan: OnnxModel, *, group_tokens: int | None = None) -> None
     model.tokenize_lengths = types.MethodType(_text_tokens, model)
     from infinity_emb.transformer.crossencoder.optimum import OptimumCrossEncoder
 
-    cross_encoder = isinstance(model, OptimumCrossEncoder)
-    if cross_encoder and "token_type_ids" in model.model.input_names:
+    if isinstance(model, OptimumCrossEncoder) and "token_type_ids" in model.model.input_names:
         model.encode_pre = types.MethodType(_pairs_with_token_types, model)
-    if group_tokens and model.tokenizer.padding_side == "right":  # groups cut the padding off
-        merge = _merge_logits if cross_encoder else _merge_token_embeddings
-        model.encode_core = _grouped(model.encode_core, merge, group_tokens)
-
-
-def token_groups(lengths: list[int], budget: int) -> list[list[int]]:
-    """Row indices in groups of similar length, each holding at most `budget` padded tokens
-    (a row longer than the budget alone), shortest first."""
-    groups: list[list[int]] = []
-    group: list[int] = []
-    for row in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if group and lengths[row] * (len(group) + 1) > budget:  # sorted: this row is the longest
-            groups.append(group)
-            group = []
-        group.append(row)
-    return groups + [group] if group else groups
-
-
-def _grouped(core: Any, merge: Any, budget: int) -> Any:
-    def encode_core(features: dict[str, Any]) -> Any:
-        lengths = features["attention_mask"].sum(axis=1)
-        groups = token_groups(lengths.tolist(), budget)
-        if len(groups) == 1:
-            return core(features)
-        done = []
-        for rows in groups:
-            width = int(lengths[rows].max())
-            done.append((rows, core({k: v[rows, :width] for k, v in features.items()})))
-        return merge(features, done)
-
-    return encode_core
-
-
-def _merge_token_embeddings(features: dict[str, Any], done: list) -> dict[str, Any]:
-    """The groups' token embeddings back in one zero-padded array, in request order; pooling
-    reads it through the batch's attention mask."""
-    import numpy as np
-
-    first = done[0][1]["token_embeddings"]
-    rows, width = features["attention_mask"].shape
-    out = np.zeros((rows, width, first.shape[-1]), dtype=first.dtype)
-    for group, result in done:
-        tokens = result["token_embeddings"]
-        out[group, : tokens.shape[1]] = tokens
-    return {"token_embeddings": out, "attention_mask": features["attention_mask"]}
-
-
-def _merge_logits(features: dict[str, Any], done: list) -> Any:
-    import numpy as np
-
-    first = done[0][1]
-    out = np.empty((features["attention_mask"].shape[0], *first.shape[1:]), dtype=first.dtype)
-    for group, logits in done:
-        out[group] = logits
-    return out
 
 
 def _text_tokens(self: Any, texts: list[str]) -> list[int]:

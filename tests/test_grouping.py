@@ -1,0 +1,54 @@
+"""On a CPU a batch runs as length-sorted groups (grouping.py): each row must come back in its
+place with the numbers of the whole batch, on both backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import running, torch_logits
+from embedding_worker import grouping
+from embedding_worker.config import bundled_model_path
+
+# Queries and passages in one batch: more than GROUP_TOKENS once padded, so several groups.
+MIXED = [("short query %d" % i) if i % 3 else ("passage words about item %d " % i) * (4 + 3 * i)
+         for i in range(30)]
+
+
+def test_token_groups_keep_each_row_once_within_the_budget():
+    lengths = [5, 300, 40, 40, 7, 1200, 90, 3, 250]
+    groups = grouping.token_groups(lengths, 512)
+    assert sorted(row for group in groups for row in group) == list(range(len(lengths)))
+    for group in groups:
+        assert max(lengths[r] for r in group) * len(group) <= 512 or len(group) == 1
+    assert [5] in groups  # a row past the budget runs alone
+    assert grouping.token_groups([], 512) == []
+    assert grouping.token_groups([10] * 8, 1024) == [list(range(8))]
+
+
+@pytest.fixture(scope="module", params=["torch", "optimum"])
+async def core(request, tiny_models, tmp_path_factory):
+    async with running(backend=request.param, onnx_cache=str(tmp_path_factory.mktemp("onnx")),
+                       model_names=f"{bundled_model_path()};{tiny_models['rerank']}",
+                       served_model_names="minilm;tiny-rerank") as core:
+        assert core.engines.ready, core.engines.failure
+        yield core
+
+
+async def test_a_mixed_batch_runs_in_groups_and_keeps_its_order(core, tiny_models):
+    from sentence_transformers import SentenceTransformer
+
+    model = core.engines._array["minilm"]._model_replicas[0]
+    lengths = model.encode_pre(MIXED).value["attention_mask"].sum(1).tolist()  # a guarded stage
+    assert len(grouping.token_groups(lengths, grouping.GROUP_TOKENS)) > 2
+    result = await core.embed({"model": "minilm", "input": MIXED})
+    st = SentenceTransformer(bundled_model_path(), device="cpu")
+    got = np.array([d["embedding"] for d in result["data"]])
+    np.testing.assert_allclose(got, st.encode(MIXED, normalize_embeddings=True), atol=2e-5)
+
+    query = "where do items sit"
+    result = await core.rerank({"model": "tiny-rerank", "query": query, "documents": MIXED,
+                                "raw_scores": True})
+    got = {r["index"]: r["relevance_score"] for r in result["results"]}
+    np.testing.assert_allclose([got[i] for i in range(len(MIXED))],
+                               torch_logits(tiny_models["rerank"], query, MIXED), atol=1e-5)
