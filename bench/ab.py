@@ -5,7 +5,7 @@ A variant is `VAR=value` (an environment setting) or `@REV` (that git revision, 
 a temporary worktree and served from there; `@` alone is the working tree).
 
     .venv/bin/python bench/ab.py LOG_REQUESTS=true LOG_REQUESTS=false [--concurrency 4] [--seconds 8]
-    .venv/bin/python bench/ab.py @HEAD~1 @ --size 8 --concurrency 16
+    .venv/bin/python bench/ab.py @HEAD~1 @ --size 8 --concurrency 16 --env BACKEND=torch
 
 `--size 0` (default) sends one short query per request; `--size N` sends N texts of the
 benchmark's mix (half short queries, half passages), as `bench/run.py` does. `--rerank` serves
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--size", type=int, default=0)
     parser.add_argument("--rerank", action="store_true")
+    parser.add_argument("--env", action="append", default=[], metavar="VAR=value",
+                        help="a setting for both variants (the servers get no other from here)")
     args = parser.parse_args()
 
     corpus = texts(str(Path(bundled_model_path()) / "vocab.txt"), 2048)
@@ -81,7 +83,8 @@ def main() -> None:
         return {"model": BUNDLED_MODEL_ID, "input": corpus[start:start + args.size]}, args.size, 0
 
     # as bench/run.py: Infinity's server has no deadline, and deep queues outlast ours (60 s)
-    path, served, body = "/v1/embeddings", {"REQUEST_TIMEOUT": "600"}, embed_body
+    path, body = "/v1/embeddings", embed_body
+    served = {"REQUEST_TIMEOUT": "600", **dict(kv.partition("=")[::2] for kv in args.env)}
     if args.rerank:
         reranker = make_reranker(ROOT / "bench" / "results" / "minilm-reranker", bundled_model_path())
         path = "/v1/rerank"
