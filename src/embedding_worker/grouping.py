@@ -31,10 +31,9 @@ def token_groups(lengths: list[int], budget: int) -> list[list[int]]:
     return groups + [group] if group else groups
 
 
-def group_batches(model: Any, budget: int = GROUP_TOKENS) -> bool:
+def group_batches(model: Any, budget: int = GROUP_TOKENS) -> None:
     """Run `model`'s encoder stage in token groups, when it is one of infinity's text embedders
-    or cross-encoders padded on the right (cutting a group's padding assumes that). Returns
-    whether it does."""
+    or cross-encoders padded on the right (cutting a group's padding assumes that)."""
     from infinity_emb.transformer.crossencoder.optimum import OptimumCrossEncoder
     from infinity_emb.transformer.crossencoder.torch import CrossEncoderPatched
     from infinity_emb.transformer.embedder.optimum import OptimumEmbedder
@@ -42,11 +41,10 @@ def group_batches(model: Any, budget: int = GROUP_TOKENS) -> bool:
 
     known = (OptimumCrossEncoder, CrossEncoderPatched, OptimumEmbedder, SentenceTransformerPatched)
     if type(model) not in known or getattr(model, "mode_colbert", False):  # ct2, ColBERT, ...
-        return False
+        return
     if getattr(model.tokenizer, "padding_side", "right") != "right":
-        return False
+        return
     model.encode_core = _grouped(model.encode_core, budget)
-    return True
 
 
 def _grouped(core: Any, budget: int) -> Any:
