@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], metavar="VAR=value",
                         help="a setting for both variants (the servers get no other from here)")
     args = parser.parse_args()
+    if any("=" not in kv for kv in args.env):
+        parser.error("--env takes VAR=value")
 
     corpus = texts(str(Path(bundled_model_path()) / "vocab.txt"), 2048)
 

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from conftest import MINILM, running
-from embedding_worker.config import Settings, bundled_model_path
+from embedding_worker.config import bundled_model_path
 from embedding_worker.errors import (
     BadRequest,
     DeadlineExceeded,
     ModelFault,
     Overloaded,
 )
-from embedding_worker.operations import CLIENT_GONE, Core
+from embedding_worker.operations import CLIENT_GONE
 from models import make_faulty_embedder, make_faulty_reranker
 
 PASSAGE = ("Embedding servers turn text into vectors that search systems compare by cosine "

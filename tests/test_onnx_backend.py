@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from embedding_worker import onnx_backend
-from embedding_worker.config import ConfigError, Settings, bundled_model_path
+from embedding_worker.config import ConfigError, bundled_model_path
 from conftest import running, torch_logits
 from server import BentoServer
 
