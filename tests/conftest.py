@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# ONNX exports made by tests (a new directory per run for the generated models) go to a scratch
+# cache removed at exit, not the user's. An ONNX_CACHE set by the caller is kept.
+SCRATCH_CACHE = tempfile.mkdtemp(prefix="test-cache-")
+atexit.register(shutil.rmtree, SCRATCH_CACHE, ignore_errors=True)
+os.environ.setdefault("ONNX_CACHE", os.path.join(SCRATCH_CACHE, "infinity-embedding-worker", "onnx"))
 
 from embedding_worker.config import BUNDLED_MODEL_ID, Settings, bundled_model_path  # noqa: E402
 from embedding_worker.operations import Core  # noqa: E402

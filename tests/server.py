@@ -23,8 +23,10 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any of the service's settings, plus `extra`."""
-    ours = {name.upper() for name in Settings.model_fields}
+    """This process's environment without any of the service's settings, plus `extra`.
+    ONNX_CACHE stays: it says where exports are kept, not how the service behaves (the tests set
+    it to a scratch directory)."""
+    ours = {name.upper() for name in Settings.model_fields} - {"ONNX_CACHE"}
     env = {k: v for k, v in os.environ.items() if k.upper() not in ours}
     env.update({"BENTOML_DO_NOT_TRACK": "true", **extra})
     return env

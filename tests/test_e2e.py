@@ -12,7 +12,7 @@ import numpy as np
 import openai
 import pytest
 
-from conftest import MINILM, ROOT
+from conftest import MINILM, ROOT, SCRATCH_CACHE
 from embedding_worker.config import bundled_model_path
 from server import BentoServer, clean_env
 
@@ -21,9 +21,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    # No MODEL_NAMES at all: the service must serve the bundled model, offline.
-    srv = BentoServer({}, tmp_path_factory.mktemp("e2e") / "server.log",
-                      unset=("MODEL_NAMES", "SERVED_MODEL_NAMES", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    # No MODEL_NAMES at all: the service must serve the bundled model, offline. No ONNX_CACHE
+    # either: the default cache, under the scratch XDG_CACHE_HOME rather than the user's.
+    srv = BentoServer({"XDG_CACHE_HOME": SCRATCH_CACHE}, tmp_path_factory.mktemp("e2e") / "server.log",
+                      unset=("MODEL_NAMES", "SERVED_MODEL_NAMES", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                             "ONNX_CACHE"))
     yield srv.start()
     srv.stop()
 
@@ -46,7 +48,7 @@ def test_startup_logs_bundled_model_and_one_line_per_model(server):
     # no configuration on a CPU: ONNX Runtime, the model exported offline into the user's cache
     assert (f"model {MINILM}: source={bundled_model_path()} backend=optimum dtype=auto device=cpu"
             in logs)
-    assert "infinity-embedding-worker/onnx/" in logs
+    assert f"onnx={SCRATCH_CACHE}/infinity-embedding-worker/onnx/" in logs
     assert "capabilities=embed" in logs
 
 

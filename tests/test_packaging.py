@@ -74,7 +74,8 @@ def test_model_cache_choice(tmp_path, user, baked, volume, expected):
     ({}, True, "volume/infinity-embedding-worker/onnx"),
     ({"xdg_cache_home": "/xdg"}, False, "/xdg/infinity-embedding-worker/onnx"),
 ])
-def test_onnx_cache_choice(tmp_path, user, volume, expected):
+def test_onnx_cache_choice(tmp_path, monkeypatch, user, volume, expected):
+    monkeypatch.delenv("ONNX_CACHE", raising=False)  # conftest points the tests at a scratch one
     volume_dir = tmp_path / "volume"
     if volume:
         volume_dir.mkdir()
