@@ -27,8 +27,8 @@ def test_token_groups_keep_each_row_once_within_the_budget():
 
 
 @pytest.fixture(scope="module", params=["torch", "optimum"])
-async def core(request, tiny_models, tmp_path_factory):
-    async with running(backend=request.param, onnx_cache=str(tmp_path_factory.mktemp("onnx")),
+async def core(request, tiny_models):
+    async with running(backend=request.param,
                        model_names=f"{bundled_model_path()};{tiny_models['rerank']}",
                        served_model_names="minilm;tiny-rerank") as core:
         assert core.engines.ready, core.engines.failure

@@ -152,8 +152,7 @@ async def test_auto_falls_back_to_torch_when_onnx_runtime_cannot_load(tiny_model
     (broken / "onnx").mkdir()
     (broken / "onnx" / "model.onnx").write_bytes(b"not an ONNX graph")
     with caplog.at_level("WARNING", logger="embedding_worker"):
-        async with running(onnx_cache=str(tmp_path / "cache"),
-                           model_names=f"{broken};{tiny_models['rerank']}",
+        async with running(model_names=f"{broken};{tiny_models['rerank']}",
                            served_model_names="broken;rerank") as core:
             assert core.engines.ready, core.engines.failure
             assert {core.engines.card(n)["backend"] for n in ("broken", "rerank")} == {"torch"}
@@ -161,7 +160,7 @@ async def test_auto_falls_back_to_torch_when_onnx_runtime_cannot_load(tiny_model
     assert "ONNX Runtime could not load the models, serving them all by torch" in caplog.text
     assert_like_sentence_transformers(result, tiny_models["embed"])
     # asked for ONNX Runtime explicitly: unready, with the reason
-    async with running(backend="optimum", onnx_cache=str(tmp_path / "cache"),
+    async with running(backend="optimum",
                        model_names=str(broken), served_model_names="broken") as core:
         assert core.engines.state == "failed" and core.engines.failure
 
@@ -171,7 +170,7 @@ async def test_auto_serves_with_torch_what_onnx_runtime_cannot(tiny_models, tmp_
     # the rest to ONNX Runtime; the start-up log says why
     max_ = _with_pooling(tiny_models["embed"], tmp_path / "max", max_tokens=True)
     with caplog.at_level("INFO", logger="embedding_worker"):
-        async with running(onnx_cache=str(tmp_path / "cache"), dtypes="auto;bf16;auto",
+        async with running(dtypes="auto;bf16;auto",
                            model_names=f"{max_};{tiny_models['embed']};{tiny_models['rerank']}",
                            served_model_names="max;bf16;rerank") as core:
             assert core.engines.ready, core.engines.failure
