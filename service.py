@@ -6,17 +6,19 @@ from typing import Annotated
 
 import bentoml
 
+from embedding_worker.api.batch import served_with
+from embedding_worker.api.http import create_app
+from embedding_worker.api.middleware import RequestGuard
 from embedding_worker.config import load_settings_or_exit
-from embedding_worker.http import create_app
-from embedding_worker.logs import configure_logging
-from embedding_worker.middleware import RequestGuard
-from embedding_worker.operations import Core, served_with
-from embedding_worker.schemas import EmbedItem, RerankItem
-from embedding_worker.tracing import tracing_config
+from embedding_worker.core.core import Core
+from embedding_worker.core.schemas import EmbedItem, RerankItem
+from embedding_worker.observability.logs import configure_logging
+from embedding_worker.observability.tracing import tracing_config
 
 settings = load_settings_or_exit()
 configure_logging(settings)
-openai_app = create_app()
+core = Core(settings)  # cheap: the engines load in the start-up hook
+openai_app = create_app(core)
 
 
 @bentoml.asgi_app(openai_app, path="/")
@@ -32,34 +34,30 @@ openai_app = create_app()
     runner_connection={"max_requests": 10**9, "max_age": 1e9},
 )
 class InfinityEmbedding:
-    def __init__(self) -> None:
-        self.core = Core(settings)
-        openai_app.state.core = self.core
-
     @bentoml.on_startup
     async def start_engines(self) -> None:
-        await self.core.start()
+        await core.start()
 
     @bentoml.on_shutdown
     async def stop_engines(self) -> None:
-        await self.core.stop()
+        await core.stop()
 
     def __is_ready__(self) -> bool:
-        return self.core.ready
+        return core.ready
 
     # Batchable methods for Bento-to-Bento callers (adaptive batching across requests). The OpenAI
-    # routes call the core directly: infinity batches across requests already.
+    # routes call the core directly: the core batches across requests already.
     @bentoml.api(batchable=True, route="/batch/embed")
     async def embed(
-        self, items: list[Annotated[EmbedItem, served_with("embed")]]
+        self, items: list[Annotated[EmbedItem, served_with(core, "embed")]]
     ) -> list[list[float]]:
-        return await self.core.embed_items(items)
+        return await core.embeddings.items(items)
 
     @bentoml.api(batchable=True, route="/batch/rerank")
     async def rerank(
-        self, items: list[Annotated[RerankItem, served_with("rerank")]]
+        self, items: list[Annotated[RerankItem, served_with(core, "rerank")]]
     ) -> list[float]:
-        return await self.core.rerank_items(items)
+        return await core.rerank.items(items)
 
 
 # auth, body cap and request log for every route, BentoML's own included

@@ -25,7 +25,7 @@ atexit.register(shutil.rmtree, SCRATCH_CACHE, ignore_errors=True)
 os.environ.setdefault("ONNX_CACHE", os.path.join(SCRATCH_CACHE, "infinity-embedding-worker", "onnx"))
 
 from embedding_worker.config import BUNDLED_MODEL_ID, Settings, bundled_model_path  # noqa: E402
-from embedding_worker.operations import Core  # noqa: E402
+from embedding_worker.core.core import Core  # noqa: E402
 from imagehost import ImageHost  # noqa: E402
 from models import make_tiny_clip, make_tiny_embedder, make_tiny_reranker  # noqa: E402
 
@@ -34,16 +34,13 @@ MINILM = BUNDLED_MODEL_ID
 
 @contextlib.asynccontextmanager
 async def running(**settings):
-    """A started core, ready or not (some tests expect a failed start). The in-process
-    service's validators consult `Core.current`: restored after."""
-    previous = Core.current
+    """A started core, ready or not (some tests expect a failed start)."""
     core = Core(Settings(**settings))
     await core.start()
     try:
         yield core
     finally:
         await core.stop()
-        Core.current = previous
 
 
 def torch_logits(model_dir, query, documents):

@@ -11,20 +11,18 @@ import time
 import numpy as np
 import pytest
 
-from embedding_worker.batching import LengthBatcher
+from embedding_worker.core.batching import LengthBatcher
 from embedding_worker.config import Settings
-from embedding_worker.operations import Core
+from embedding_worker.core.core import Core
 
 
 @pytest.fixture(scope="module")
 async def core(tiny_models):
-    previous = Core.current
     core = Core(Settings(model_names=str(tiny_models["embed"]), served_model_names="tiny-embed",
                          batch_sizes="32"))
     await core.start()
     yield core
     await core.stop()
-    Core.current = previous
 
 
 async def test_concurrent_requests_share_batches_and_each_gets_its_own_rows_and_usage(core, tiny_models):
@@ -32,9 +30,9 @@ async def test_concurrent_requests_share_batches_and_each_gets_its_own_rows_and_
 
     st = SentenceTransformer(str(tiny_models["embed"]), device="cpu")
     requests = [[f"request {i} text {j} " + "word " * (i + j) for j in range(1 + i % 3)] for i in range(24)]
-    guard = core.engines.guards["tiny-embed"]
+    guard = core.models.get("tiny-embed").heartbeat
     before = guard.batches
-    results = await asyncio.gather(*(core.embed({"model": "tiny-embed", "input": texts})
+    results = await asyncio.gather(*(core.embeddings.create({"model": "tiny-embed", "input": texts})
                                      for texts in requests))
     assert guard.batches - before < len(requests) / 2, "concurrent requests did not share batches"
     for texts, result in zip(requests, results):
@@ -52,13 +50,13 @@ async def test_texts_past_the_models_window_share_a_batch_whatever_their_length(
 
     st = SentenceTransformer(str(tiny_models["embed"]), device="cpu")
     overlong = [("alpha beta gamma " * 600)[:9000], ("delta epsilon " * 300)[:3000]]
-    guard = core.engines.guards["tiny-embed"]
-    batcher = core._batcher("tiny-embed", "embed")
+    guard = core.models.get("tiny-embed").heartbeat
+    batcher = core.embeddings.batcher(core.models.get("tiny-embed"))
     before = guard.batches
-    busy = asyncio.ensure_future(core.embed({"model": "tiny-embed", "input": ["busy " * 100] * 32}))
+    busy = asyncio.ensure_future(core.embeddings.create({"model": "tiny-embed", "input": ["busy " * 100] * 32}))
     while not batcher.in_flight:  # the engine is busy: the overlong texts wait and are batched
         await asyncio.sleep(0)
-    result = await core.embed({"model": "tiny-embed", "input": overlong})
+    result = await core.embeddings.create({"model": "tiny-embed", "input": overlong})
     await busy
     assert guard.batches - before == 2  # the busy call, then one call for both overlong texts
     got = np.array([d["embedding"] for d in result["data"]])
@@ -83,7 +81,7 @@ async def test_a_computed_batch_is_returned_without_infinitys_post_processing_sl
 
     monkeypatch.setattr(batch_handler, "time", Clock())
     for i in range(5):
-        result = await core.embed({"model": "tiny-embed", "input": f"lone text {i}"})
+        result = await core.embeddings.create({"model": "tiny-embed", "input": f"lone text {i}"})
         assert len(result["data"]) == 1
     post = [seconds for loop, seconds in slept if loop == "_postprocess_batch"]
     assert post, "the post-processing loop was not observed"
@@ -93,23 +91,20 @@ async def test_a_computed_batch_is_returned_without_infinitys_post_processing_sl
 async def test_concurrent_rerank_requests_with_different_queries_share_batches(tiny_models):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    previous = Core.current
     core = Core(Settings(model_names=str(tiny_models["rerank"]), served_model_names="tiny-rerank",
                          batch_sizes="32"))
     await core.start()
     try:
         requests = [(f"query {i}" + " why" * i, [f"doc {i}.{j} " + "text " * (3 * j + i)
                                                  for j in range(2 + i % 4)]) for i in range(24)]
-        guard = core.engines.guards["tiny-rerank"]
+        guard = core.models.get("tiny-rerank").heartbeat
         before = guard.batches
         results = await asyncio.gather(*(
-            core.rerank({"model": "tiny-rerank", "query": q, "documents": d, "raw_scores": True})
+            core.rerank.create({"model": "tiny-rerank", "query": q, "documents": d, "raw_scores": True})
             for q, d in requests))
         assert guard.batches - before < len(requests) / 2, "concurrent requests did not share batches"
     finally:
         await core.stop()
-        Core.current = previous
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["rerank"])
     model = AutoModelForSequenceClassification.from_pretrained(tiny_models["rerank"]).eval()
     for (query, docs), result in zip(requests, results):

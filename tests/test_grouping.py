@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import running, torch_logits
-from embedding_worker import grouping
+from embedding_worker.engine import grouping
 from embedding_worker.config import bundled_model_path
 
 # Queries and passages in one batch: more than GROUP_TOKENS once padded, so several groups.
@@ -31,23 +31,23 @@ async def core(request, tiny_models):
     async with running(backend=request.param,
                        model_names=f"{bundled_model_path()};{tiny_models['rerank']}",
                        served_model_names="minilm;tiny-rerank") as core:
-        assert core.engines.ready, core.engines.failure
+        assert core.engine.ready, core.engine.failure
         yield core
 
 
 async def test_a_mixed_batch_runs_in_groups_and_keeps_its_order(core, tiny_models):
     from sentence_transformers import SentenceTransformer
 
-    model = core.engines._array["minilm"]._model_replicas[0]
-    lengths = model.encode_pre(MIXED).value["attention_mask"].sum(1).tolist()  # a guarded stage
+    model = core.models.get("minilm")
+    lengths = [min(n, model.info.window) for n in model.count_tokens(MIXED)]  # as padded
     assert len(grouping.token_groups(lengths, grouping.GROUP_TOKENS)) > 2
-    result = await core.embed({"model": "minilm", "input": MIXED})
+    result = await core.embeddings.create({"model": "minilm", "input": MIXED})
     st = SentenceTransformer(bundled_model_path(), device="cpu")
     got = np.array([d["embedding"] for d in result["data"]])
     np.testing.assert_allclose(got, st.encode(MIXED, normalize_embeddings=True), atol=2e-5)
 
     query = "where do items sit"
-    result = await core.rerank({"model": "tiny-rerank", "query": query, "documents": MIXED,
+    result = await core.rerank.create({"model": "tiny-rerank", "query": query, "documents": MIXED,
                                 "raw_scores": True})
     got = {r["index"]: r["relevance_score"] for r in result["results"]}
     np.testing.assert_allclose([got[i] for i in range(len(MIXED))],

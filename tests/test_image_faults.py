@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from embedding_worker.config import Settings
-from embedding_worker.errors import BadRequest
-from embedding_worker.inputs import ImageFetcher, ImagePolicy
+from embedding_worker.core.errors import BadRequest
+from embedding_worker.core.images import ImageFetcher, ImagePolicy
 from imagehost import image_of, png_bomb, truncated
 
 TIMEOUT = 2.0  # HTTP_CLIENT_TIMEOUT in conftest's served_env

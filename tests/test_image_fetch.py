@@ -6,8 +6,8 @@ import ipaddress
 import pytest
 
 from embedding_worker.config import Settings
-from embedding_worker.errors import BadRequest, PayloadTooLarge
-from embedding_worker.inputs import ImageFetcher, ImagePolicy, address_allowed
+from embedding_worker.core.errors import BadRequest, PayloadTooLarge
+from embedding_worker.core.images import ImageFetcher, ImagePolicy, address_allowed
 from imagehost import image_bytes
 
 

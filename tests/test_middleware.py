@@ -12,8 +12,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from embedding_worker.config import Settings
-from embedding_worker.logs import annotate
-from embedding_worker.middleware import RequestGuard
+from embedding_worker.observability.logs import annotate
+from embedding_worker.api.middleware import RequestGuard
 
 KEYS = "first-key;second-key"
 

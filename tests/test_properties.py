@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from pydantic import ValidationError
 
-from embedding_worker import errors
+from embedding_worker.core import errors
 from embedding_worker.config import (
     BUNDLED_MODEL_ID,
     DTYPE_ALIASES,
@@ -30,16 +30,16 @@ from embedding_worker.config import (
     _describe,
     bundled_model_path,
 )
-from embedding_worker.encoding import encode_rows, jsonable, truncate
-from embedding_worker.inputs import (
+from embedding_worker.core.encoding import encode_rows, jsonable, truncate
+from embedding_worker.core.images import (
     ImageError,
     ImagePolicy,
     _b64decode,
     address_allowed,
     parse_data_uri,
 )
-from embedding_worker.operations import parse
-from embedding_worker.schemas import (
+from embedding_worker.core.pipeline import parse
+from embedding_worker.core.schemas import (
     MODALITIES,
     EmbeddingRequest,
     EmbedItem,

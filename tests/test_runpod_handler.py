@@ -9,8 +9,8 @@ import pytest
 
 from conftest import MINILM
 from embedding_worker.config import Settings
-from embedding_worker.operations import Core
-from embedding_worker.runpod_worker import make_handler
+from embedding_worker.core.core import Core
+from embedding_worker.api.runpod import make_handler
 
 DOCS = ["Product A comes with a 2-year warranty", "Product B is available in red and blue colors",
         "All electronics include a standard 1-year warranty"]

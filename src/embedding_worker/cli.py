@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import Settings, load_settings_or_exit
-from .logs import configure_logging
+from .observability.logs import configure_logging
 
 SERVICE = "service:InfinityEmbedding"
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     if mode == "serve":
         command = serve_command(settings, extra)
         os.execv(command[0], command)
-    from .runpod_worker import start
+    from .api.runpod import start
 
     sys.argv = [sys.argv[0], *extra]  # the SDK parses its own --rp_* flags
     start(settings)

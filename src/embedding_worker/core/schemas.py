@@ -1,16 +1,20 @@
 """Request and response models, declared once for every transport.
 
 Requests are validated here (shape, types, per-item checks with the item's index in the message).
-Checks that need the running engines (model exists, has the capability, `dimensions` fits) live in
-`operations`.
+Checks that need the running models (model exists, has the capability, `dimensions` fits) live in
+the endpoint families.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
+
+from ..engine.base import ModelInfo, QueueStats
 
 MODALITIES = ("text", "image", "audio")
 
@@ -136,38 +140,58 @@ class RerankItem(BaseModel):
     document: str = Field(min_length=1)
 
 
-# --- responses (documented shapes; built as plain dicts on the hot path, see operations) ---
+# --- responses: each shape declared once, as a model (the OpenAPI document) and its builder ---
+# The builders make plain dicts (embeddings stay numpy rows for `encoding.dumps`, which pydantic
+# would turn into Python floats at several times the cost); tests hold the bytes sent to these
+# models, which forbid any key they do not declare.
 
 
-class Usage(BaseModel):
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Usage(_Response):
     prompt_tokens: int
     total_tokens: int
 
 
-class EmbeddingData(BaseModel):
+def usage(tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": int(tokens), "total_tokens": int(tokens)}
+
+
+class EmbeddingData(_Response):
     object: Literal["embedding"] = "embedding"
     embedding: list[float] | str
     index: int
 
 
-class EmbeddingResponse(BaseModel):
+class EmbeddingResponse(_Response):
     object: Literal["list"] = "list"
     model: str
     data: list[EmbeddingData]
     usage: Usage
 
 
-class RerankDocument(BaseModel):
+def embedding_response(model: str, rows: list[Any], tokens: int) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "model": model,
+        "data": [{"object": "embedding", "embedding": row, "index": i} for i, row in enumerate(rows)],
+        "usage": usage(tokens),
+    }
+
+
+class RerankDocument(_Response):
     text: str
 
 
-class RerankResult(BaseModel):
+class RerankResult(_Response):
     index: int
     relevance_score: float
-    document: RerankDocument | None = None
+    document: RerankDocument | None = None  # absent unless return_documents
 
 
-class RerankResponse(BaseModel):
+class RerankResponse(_Response):
     object: Literal["rerank"] = "rerank"
     id: str
     model: str
@@ -175,7 +199,26 @@ class RerankResponse(BaseModel):
     usage: Usage
 
 
-class ModelCard(BaseModel):
+def rerank_response(model: str, scores: Sequence[float], ranked: list[int],
+                    documents: list[str] | None, tokens: int) -> dict[str, Any]:
+    """`ranked`: the indices to return, best first; `documents`: when they are to be returned."""
+    results = []
+    for i in ranked:
+        result: dict[str, Any] = {"index": i, "relevance_score": float(scores[i])}
+        if documents is not None:
+            result["document"] = {"text": documents[i]}
+        results.append(result)
+    return {"object": "rerank", "id": f"rerank-{uuid.uuid4().hex}", "model": model,
+            "results": results, "usage": usage(tokens)}
+
+
+class ModelStats(_Response):
+    queue_fraction: float
+    queue_absolute: int
+    results_pending: int
+
+
+class ModelCard(_Response):
     id: str
     object: Literal["model"] = "model"
     owned_by: str
@@ -185,22 +228,42 @@ class ModelCard(BaseModel):
     dtype: str
     device: str
     batch_size: int
-    stats: dict[str, Any]
+    stats: ModelStats
 
 
-class ModelList(BaseModel):
+def model_card(info: ModelInfo, queue: QueueStats, created: int) -> dict[str, Any]:
+    return {
+        "id": info.name,
+        "object": "model",
+        "owned_by": "infinity-embedding-worker",
+        "created": created,
+        "capabilities": sorted(info.capabilities),
+        "backend": info.backend,
+        "dtype": info.dtype,
+        "device": info.device,
+        "batch_size": info.batch_size,
+        "stats": {"queue_fraction": queue.queue_fraction, "queue_absolute": queue.queue_absolute,
+                  "results_pending": queue.results_pending},
+    }
+
+
+class ModelList(_Response):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
-class ErrorBody(BaseModel):
+def model_list(cards: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"object": "list", "data": cards}
+
+
+class ErrorBody(_Response):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(_Response):
     error: ErrorBody
 
 
@@ -211,8 +274,14 @@ class RunSyncRequest(BaseModel):
     input: dict[str, Any]
 
 
-class RunSyncResponse(BaseModel):
+class RunSyncResponse(_Response):
     id: str
     status: Literal["COMPLETED", "FAILED"]
     output: dict[str, Any] | None = None
     error: str | None = None
+
+
+def runsync_response(job_id: str, output: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
+    if error is not None:
+        return {"id": job_id, "status": "FAILED", "error": error}
+    return {"id": job_id, "status": "COMPLETED", "output": output}

@@ -10,7 +10,7 @@ import numpy as np
 import openai
 import pytest
 
-from embedding_worker import onnx_backend
+from embedding_worker.engine import onnx_export
 from embedding_worker.config import ConfigError, bundled_model_path
 from conftest import running, torch_logits
 from server import BentoServer
@@ -44,7 +44,7 @@ async def core(tiny_models, onnx_cache):
     async with running(backend="optimum", onnx_cache=str(onnx_cache),
                        model_names=f"{bundled_model_path()};{tiny_models['rerank']}",
                        served_model_names="minilm;tiny-rerank") as core:
-        assert core.engines.ready, core.engines.failure
+        assert core.engine.ready, core.engine.failure
         yield core
 
 
@@ -52,22 +52,22 @@ async def test_bundled_minilm_is_exported_offline_and_matches_sentence_transform
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(bundled_model_path(), device="cpu")
-    result = await core.embed({"model": "minilm", "input": TEXTS})
+    result = await core.embeddings.create({"model": "minilm", "input": TEXTS})
     got = np.array([d["embedding"] for d in result["data"]])
     np.testing.assert_allclose(got, st.encode(TEXTS, normalize_embeddings=True), atol=2e-5)
     window = st.max_seq_length - 2  # text tokens the model sees, special tokens excluded
     expected = sum(min(window, len(st.tokenizer(t, add_special_tokens=False)["input_ids"]))
                    for t in TEXTS)
     assert result["usage"]["prompt_tokens"] == expected
-    card = core.engines.card("minilm")
+    card = core.models.card("minilm")
     assert card["backend"] == "optimum"
-    assert core.engines.windows["minilm"] == 256
+    assert core.models.get("minilm").info.window == 256
     assert sorted(p.name for p in onnx_cache.glob("*/model.onnx")) == ["model.onnx"] * 2
 
 
 async def test_bert_reranker_scores_match_torch_with_token_types(core, tiny_models):
     query = "where do cats sit"
-    result = await core.rerank({"model": "tiny-rerank", "query": query, "documents": DOCUMENTS,
+    result = await core.rerank.create({"model": "tiny-rerank", "query": query, "documents": DOCUMENTS,
                                 "raw_scores": True})
     logits = torch_logits(tiny_models["rerank"], query, DOCUMENTS)
     got = {r["index"]: r["relevance_score"] for r in result["results"]}
@@ -76,10 +76,10 @@ async def test_bert_reranker_scores_match_torch_with_token_types(core, tiny_mode
 
 
 def test_an_export_is_made_once_and_found_again(tiny_models, tmp_path):
-    first = onnx_backend.prepare(str(tiny_models["embed"]), str(tmp_path))
+    first = onnx_export.prepare(str(tiny_models["embed"]), str(tmp_path))
     exported = tmp_path / first.directory.rsplit("/", 1)[-1] / "model.onnx"
     stamp = exported.stat().st_mtime_ns
-    again = onnx_backend.prepare(str(tiny_models["embed"]), str(tmp_path))
+    again = onnx_export.prepare(str(tiny_models["embed"]), str(tmp_path))
     assert again == first and exported.stat().st_mtime_ns == stamp
     assert first.pooling == "mean" and first.window == 128
     assert [p.name for p in tmp_path.iterdir()] == [exported.parent.name]  # no staging left
@@ -89,16 +89,16 @@ async def test_a_model_that_ships_its_onnx_file_is_used_as_it_is(tiny_models, tm
     # the hub's sentence-transformers layout: the export under onnx/ beside the torch weights
     shipped = tmp_path / "shipped"
     shutil.copytree(tiny_models["embed"], shipped)
-    export = onnx_backend.prepare(str(shipped), str(tmp_path / "scratch"))
+    export = onnx_export.prepare(str(shipped), str(tmp_path / "scratch"))
     (shipped / "onnx").mkdir()
     shutil.copy(f"{export.directory}/model.onnx", shipped / "onnx" / "model.onnx")
-    assert onnx_backend.prepare(str(shipped), str(tmp_path / "unused")).directory == str(shipped)
+    assert onnx_export.prepare(str(shipped), str(tmp_path / "unused")).directory == str(shipped)
     assert not (tmp_path / "unused").exists()
 
     async with running(backend="optimum", onnx_cache=str(tmp_path / "unused"),
                        model_names=str(shipped), served_model_names="shipped") as core:
-        assert core.engines.ready, core.engines.failure
-        result = await core.embed({"model": "shipped", "input": TEXTS})
+        assert core.engine.ready, core.engine.failure
+        result = await core.embeddings.create({"model": "shipped", "input": TEXTS})
     assert_like_sentence_transformers(result, tiny_models["embed"])
 
 
@@ -114,11 +114,11 @@ def _with_pooling(source, target, **modes):
 
 def test_pooling_is_read_from_the_model_and_unsupported_pooling_is_refused(tiny_models, tmp_path):
     cls = _with_pooling(tiny_models["embed"], tmp_path / "cls", cls_token=True)
-    assert onnx_backend.prepare(str(cls), str(tmp_path / "cache")).pooling == "cls"
+    assert onnx_export.prepare(str(cls), str(tmp_path / "cache")).pooling == "cls"
     max_ = _with_pooling(tiny_models["embed"], tmp_path / "max", max_tokens=True)
     with pytest.raises(ConfigError, match="pools by max_tokens; infinity's ONNX path pools by mean "
                                           "or CLS only: use BACKEND=torch"):
-        onnx_backend.prepare(str(max_), str(tmp_path / "cache"))
+        onnx_export.prepare(str(max_), str(tmp_path / "cache"))
 
 
 def test_modules_the_export_would_leave_out_are_refused(tiny_models, tmp_path):
@@ -130,19 +130,19 @@ def test_modules_the_export_would_leave_out_are_refused(tiny_models, tmp_path):
     (dense / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ConfigError, match="has sentence-transformers modules Dense that the ONNX "
                                           "path leaves out; use BACKEND=torch"):
-        onnx_backend.prepare(str(dense), str(tmp_path / "cache"))
+        onnx_export.prepare(str(dense), str(tmp_path / "cache"))
 
 
 def test_image_models_and_classifiers_are_refused_with_the_reason(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="serves text models only; .* is an image or audio model"):
-        onnx_backend.prepare(str(tiny_models["clip"]), str(tmp_path / "cache"))
+        onnx_export.prepare(str(tiny_models["clip"]), str(tmp_path / "cache"))
     classifier = tmp_path / "classifier"
     shutil.copytree(tiny_models["rerank"], classifier)
     config = json.loads((classifier / "config.json").read_text())
     config["id2label"] = {"0": "negative", "1": "positive"}
     (classifier / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="serves embedders and rerankers; .* is a classifier"):
-        onnx_backend.prepare(str(classifier), str(tmp_path / "cache"))
+        onnx_export.prepare(str(classifier), str(tmp_path / "cache"))
 
 
 async def test_auto_falls_back_to_torch_when_onnx_runtime_cannot_load(tiny_models, tmp_path,
@@ -154,15 +154,15 @@ async def test_auto_falls_back_to_torch_when_onnx_runtime_cannot_load(tiny_model
     with caplog.at_level("WARNING", logger="embedding_worker"):
         async with running(model_names=f"{broken};{tiny_models['rerank']}",
                            served_model_names="broken;rerank") as core:
-            assert core.engines.ready, core.engines.failure
-            assert {core.engines.card(n)["backend"] for n in ("broken", "rerank")} == {"torch"}
-            result = await core.embed({"model": "broken", "input": TEXTS})
+            assert core.engine.ready, core.engine.failure
+            assert {core.models.card(n)["backend"] for n in ("broken", "rerank")} == {"torch"}
+            result = await core.embeddings.create({"model": "broken", "input": TEXTS})
     assert "ONNX Runtime could not load the models, serving them all by torch" in caplog.text
     assert_like_sentence_transformers(result, tiny_models["embed"])
     # asked for ONNX Runtime explicitly: unready, with the reason
     async with running(backend="optimum",
                        model_names=str(broken), served_model_names="broken") as core:
-        assert core.engines.state == "failed" and core.engines.failure
+        assert core.engine.state == "failed" and core.engine.failure
 
 
 async def test_auto_serves_with_torch_what_onnx_runtime_cannot(tiny_models, tmp_path, caplog):
@@ -173,11 +173,11 @@ async def test_auto_serves_with_torch_what_onnx_runtime_cannot(tiny_models, tmp_
         async with running(dtypes="auto;bf16;auto",
                            model_names=f"{max_};{tiny_models['embed']};{tiny_models['rerank']}",
                            served_model_names="max;bf16;rerank") as core:
-            assert core.engines.ready, core.engines.failure
-            backends = {name: core.engines.card(name)["backend"]
+            assert core.engine.ready, core.engine.failure
+            backends = {name: core.models.card(name)["backend"]
                         for name in ("max", "bf16", "rerank")}
             assert backends == {"max": "torch", "bf16": "torch", "rerank": "optimum"}
-            result = await core.embed({"model": "max", "input": TEXTS})
+            result = await core.embeddings.create({"model": "max", "input": TEXTS})
     assert ("model max: served by torch, not ONNX Runtime: ConfigError: BACKEND=optimum: "
             f"{max_} pools by max_tokens") in caplog.text
     assert_like_sentence_transformers(result, max_)
@@ -186,8 +186,8 @@ async def test_auto_serves_with_torch_what_onnx_runtime_cannot(tiny_models, tmp_
 async def test_a_refused_model_leaves_the_service_unready_with_the_reason(tiny_models, tmp_path):
     async with running(backend="optimum", onnx_cache=str(tmp_path),
                        model_names=str(tiny_models["clip"]), served_model_names="clip") as core:
-        assert core.engines.state == "failed"
-        assert "BACKEND=optimum serves text models only" in core.engines.failure
+        assert core.engine.state == "failed"
+        assert "BACKEND=optimum serves text models only" in core.engine.failure
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from .errors import BadRequest, too_many
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from .config import Settings
+    from ..config import Settings
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=\r\n_-]+$")

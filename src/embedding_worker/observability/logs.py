@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from .config import Settings
+from ..config import Settings
 
 LOGGER_NAME = "embedding_worker"
 

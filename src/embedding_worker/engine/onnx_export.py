@@ -1,11 +1,10 @@
-"""BACKEND=optimum (ONNX Runtime): the offline export and the fixes infinity 0.0.78 needs.
+"""The ONNX export for ONNX Runtime (BACKEND=auto on a CPU, or optimum), made once per model.
 
-infinity's optimum classes (infinity-emb is pinned) load only a directory that already holds a
-`.onnx` file, name that file in a form optimum 2.x cannot find, pool by CLS unless told, truncate
-at the model's position embeddings instead of its sentence-transformers window, count usage
-with special tokens, and drop a cross-encoder's token types. Each silently gives embeddings or scores that differ from
-`BACKEND=torch` or fails; here the model is exported once into a cache, infinity is told the
-pooling, and the rest is mended on the loaded model. Tests hold the result to torch's numbers.
+infinity's optimum classes load only a directory that already holds a `.onnx` file. `prepare`
+resolves a model, reads the pooling and window infinity must be told (it would pool by CLS and
+truncate at the position embeddings), refuses what the ONNX path cannot serve with the reason, and
+exports into a cache unless the model ships its own `.onnx` file. What infinity then needs mended
+on the loaded model lives in `compat`. Tests hold the result to torch's numbers.
 """
 
 from __future__ import annotations
@@ -16,12 +15,11 @@ import logging
 import os
 import shutil
 import tempfile
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from ..config import ConfigError
 
 logger = logging.getLogger("embedding_worker")
 
@@ -82,59 +80,6 @@ def prepare(source: str, cache_root: str) -> OnnxModel:
         task = "text-classification" if cross_encoder else "feature-extraction"
         directory = _export(model_dir, Path(cache_root), task, config.get("model_type", ""))
     return OnnxModel(str(directory), pooling, _st_window(model_dir))
-
-
-def onnx_file_names() -> None:
-    """infinity lists a local model's `.onnx` files with their directory and hands one to optimum
-    as `file_name`, which optimum 2.x compares with each file's bare name (FileNotFoundError).
-    Hand it the bare name. Idempotent."""
-    from infinity_emb.transformer.crossencoder import optimum as crossencoder
-    from infinity_emb.transformer.embedder import optimum as embedder
-
-    for module in (embedder, crossencoder):
-        listed = module.get_onnx_files
-        if getattr(listed, "bare_name", False):
-            continue
-
-        def bare_name(*, _listed=listed, **kwargs: Any) -> Path:
-            return Path(_listed(**kwargs).name)
-
-        bare_name.bare_name = True  # type: ignore[attr-defined]
-        module.get_onnx_files = bare_name
-
-
-def fit(model: Any, plan: OnnxModel) -> None:
-    """Mend a loaded infinity optimum model. It truncates at `config.max_position_embeddings`:
-    cap that at the model's window (MiniLM: 256, not 512; RoBERTa: 512, not 514). It counts usage
-    with special tokens, unlike the torch classes: count text tokens only. A cross-encoder
-    tokenises pairs without token types, so BERT rerankers scored every document as segment A:
-    tokenise as the model's own tokenizer does."""
-    tokenizer_limit = getattr(model.tokenizer, "model_max_length", None)
-    if not isinstance(tokenizer_limit, int) or tokenizer_limit >= 1_000_000:  # "no limit"
-        tokenizer_limit = None
-    limits = [plan.window, model.config.max_position_embeddings, tokenizer_limit]
-    window = min(limit for limit in limits if limit)
-    model.config.max_position_embeddings = window
-    model.max_seq_length = window  # what `engines._window` reads
-    model.tokenize_lengths = types.MethodType(_text_tokens, model)
-    from infinity_emb.transformer.crossencoder.optimum import OptimumCrossEncoder
-
-    if isinstance(model, OptimumCrossEncoder) and "token_type_ids" in model.model.input_names:
-        model.encode_pre = types.MethodType(_pairs_with_token_types, model)
-
-
-def _text_tokens(self: Any, texts: list[str]) -> list[int]:
-    encoded = self._infinity_tokenizer(texts, add_special_tokens=False, padding=False,
-                                       truncation=True)
-    return [len(ids) for ids in encoded["input_ids"]]
-
-
-def _pairs_with_token_types(self: Any, pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    import numpy as np
-
-    encoded = self.tokenizer(pairs, max_length=self.config.max_position_embeddings, padding=True,
-                             truncation="longest_first", return_tensors="np")
-    return {k: v.astype(np.int64) for k, v in encoded.items()}
 
 
 def _local_dir(source: str) -> Path:

@@ -1,4 +1,4 @@
-"""RunPod serverless worker: a job's `input` goes to the same core as the HTTP routes."""
+"""RunPod serverless worker: a job's `input` goes through the same job envelope as `/runsync`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .config import Settings
-from .encoding import jsonable
-from .errors import APIError
-from .logs import request_log
-from .operations import Core
+from ..config import Settings
+from ..core.core import Core
+from ..core.encoding import jsonable
+from ..engine.base import one_line
+from ..observability.logs import request_log
+from .jobs import run_job
 
 logger = logging.getLogger("embedding_worker")
 
@@ -23,19 +24,13 @@ def make_handler(core: Core):
         job_input = job.get("input")
         route = job_input.get("openai_route", "job") if isinstance(job_input, dict) else "job"
         with request_log("JOB", str(route), core.settings.log_requests) as record:
-            record.status = 500
-            try:
-                # The SDK posts results with json.dumps and silently drops what it cannot
-                # serialise (the client then waits forever): hand it plain Python only.
-                output = jsonable(await core.dispatch(job_input))
-                record.status = 200
-                return output
-            except APIError as exc:
-                record.status = exc.status  # the HTTP status the same error would have had
-                return {"error": exc.message}  # a top-level "error" string fails the job
-            except Exception as exc:
-                logger.exception("job %s failed", job.get("id"))
-                return {"error": f"internal error: {type(exc).__name__}: {exc}"}
+            result = await run_job(core, job_input, str(job.get("id")))
+            record.status = result.status
+            if result.error is not None:
+                return {"error": result.error}  # a top-level "error" string fails the job
+            # The SDK posts results with json.dumps and silently drops what it cannot
+            # serialise (the client then waits forever): hand it plain Python only.
+            return jsonable(result.output)
 
     return handler
 
@@ -49,10 +44,9 @@ def start(settings: Settings) -> None:
         sdk = pool.submit(importlib.import_module, "runpod")
         core = Core(settings)
         try:
-            core.engines.load()
+            core.engine.load()
         except Exception as exc:  # RunPod restarts a worker that exits; say why in one line
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            logger.error("model loading failed: %s", reason)
+            logger.error("model loading failed: %s", one_line(exc))
             raise SystemExit(1) from None
         runpod = sdk.result()
     runpod.serverless.start({

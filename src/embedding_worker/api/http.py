@@ -1,7 +1,6 @@
 """The OpenAI-compatible HTTP surface: parse, call the core, serialise. No logic of its own.
 
-Mounted into the BentoML service with `@bentoml.asgi_app`; the service puts its `Core` on
-`app.state.core`.
+Mounted into the BentoML service with `@bentoml.asgi_app`; built over the process's `Core`.
 """
 
 from __future__ import annotations
@@ -16,11 +15,10 @@ import orjson
 from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .encoding import dumps
-from .errors import APIError, BadRequest, InternalError, MethodNotAllowed, NotFound, Unavailable
-from .logs import annotate
-from .operations import CLIENT_GONE, Core
-from .schemas import (
+from ..core.core import Core
+from ..core.encoding import dumps
+from ..core.errors import APIError, BadRequest, InternalError, MethodNotAllowed, NotFound
+from ..core.schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
     ErrorResponse,
@@ -29,7 +27,10 @@ from .schemas import (
     RerankResponse,
     RunSyncRequest,
     RunSyncResponse,
+    runsync_response,
 )
+from ..observability.logs import annotate
+from .jobs import run_job
 
 logger = logging.getLogger("embedding_worker")
 
@@ -44,35 +45,35 @@ def error_response(error: APIError) -> Response:
 # nginx's "client closed request": logged, never seen by the client that left
 CLIENT_CLOSED = 499
 
-
-async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Run `work`; if the client disconnects first, cancel it so that its items stop taking
-    engine time (infinity skips queued items whose caller is gone)."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel(CLIENT_GONE)
-            await asyncio.wait({task})  # let the cancellation reach the engine call
-    if task.cancelled():
-        annotate(outcome=CLIENT_GONE)
-        return None
-    return task.result()
+Handler = Callable[[Any], Awaitable[Response]]
 
 
-def _core(request: Request) -> Core:
-    core: Core | None = getattr(request.app.state, "core", None)
-    if core is None:
-        raise Unavailable("the service is starting; retry shortly")
-    return core
+def cancelled_on_disconnect(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint that runs `handler` on the request's JSON body and cancels it if the client
+    disconnects first, so that its items stop taking engine time (the batchers withdraw them,
+    infinity skips them). The body is read before watching: both would `receive()`."""
+
+    async def run(request: Request) -> Response:
+        task = asyncio.ensure_future(handler(await _json_body(request)))
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})  # let the cancellation reach the engine call
+        if task.cancelled():
+            annotate(outcome="client disconnected")
+            return Response(status_code=CLIENT_CLOSED)
+        return task.result()
+
+    return run
 
 
 async def _json_body(request: Request) -> Any:
@@ -111,7 +112,7 @@ _ERRORS = {
 }
 
 
-def create_app() -> FastAPI:
+def create_app(core: Core) -> FastAPI:
     app = FastAPI(
         title="infinity-embedding-worker",
         summary="OpenAI-compatible embeddings and reranking over Infinity engines",
@@ -119,7 +120,6 @@ def create_app() -> FastAPI:
         redoc_url=None,
         openapi_url="/v1/openapi.json",
     )
-    app.state.core = None
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> Response:
@@ -141,14 +141,10 @@ def create_app() -> FastAPI:
         return error_response(InternalError(f"internal error: {type(exc).__name__}"))
 
     def post(paths: list[str], model: type, response_model: type,
-             operation: Callable[[Core, Any], Awaitable[dict[str, Any]]]) -> None:
-        async def endpoint(request: Request) -> Response:
-            core = _core(request)
-            body = await _json_body(request)
-            result = await _unless_disconnected(request, operation(core, body))
-            if result is None:
-                return Response(status_code=CLIENT_CLOSED)
-            return Response(dumps(result), media_type=JSON)
+             operation: Callable[[Any], Awaitable[dict[str, Any]]]) -> None:
+        @cancelled_on_disconnect
+        async def endpoint(body: Any) -> Response:
+            return Response(dumps(await operation(body)), media_type=JSON)
 
         for i, path in enumerate(paths):
             app.add_api_route(
@@ -164,30 +160,27 @@ def create_app() -> FastAPI:
 
     # /openai/v1/...: the path RunPod's OpenAI proxy uses, so base URLs differ only in the host
     post(["/v1/embeddings", "/embeddings", "/openai/v1/embeddings"], EmbeddingRequest,
-         EmbeddingResponse, Core.embed)
+         EmbeddingResponse, core.embeddings.create)
     post(["/v1/rerank", "/rerank", "/v2/rerank", "/openai/v1/rerank"], RerankRequest,
-         RerankResponse, Core.rerank)
+         RerankResponse, core.rerank.create)
 
     async def runsync(request: Request) -> Response:
         """RunPod's Standard flavour, locally: the job's output wrapped as RunPod wraps it."""
-        core = _core(request)
         body = await _json_body(request)
         if not isinstance(body, dict) or "input" not in body:
             raise BadRequest('expected a JSON object {"input": {...}}', param="input")
-        job: dict[str, Any] = {"id": f"sync-{uuid.uuid4()}"}
-        try:
-            job.update(status="COMPLETED", output=await core.dispatch(body["input"]))
-        except APIError as exc:
-            job.update(status="FAILED", error=exc.message)
-        return Response(dumps(job), media_type=JSON)
+        job_id = f"sync-{uuid.uuid4()}"
+        result = await run_job(core, body["input"], job_id)
+        return Response(dumps(runsync_response(job_id, result.output, result.error)),
+                        media_type=JSON)
 
     # caller mistakes inside `input` come back as a FAILED job (200); the body itself can be a 4xx
     app.add_api_route("/runsync", runsync, methods=["POST"], response_model=RunSyncResponse,
                       responses={s: _ERRORS[s] for s in (400, 401, 413, 503)},
                       openapi_extra=_body_doc(RunSyncRequest))
 
-    async def models(request: Request) -> Response:
-        return Response(dumps(_core(request).list_models()), media_type=JSON)
+    async def models(_: Request) -> Response:
+        return Response(dumps(await core.models.list()), media_type=JSON)
 
     for i, path in enumerate(["/v1/models", "/models", "/openai/v1/models"]):
         app.add_api_route(path, models, methods=["GET"], response_model=ModelList,

@@ -11,10 +11,10 @@ import hmac
 import logging
 from typing import Any
 
-from .config import Settings
-from .encoding import dumps
-from .errors import APIError, PayloadTooLarge, Unauthorized
-from .logs import request_log
+from ..config import Settings
+from ..core.encoding import dumps
+from ..core.errors import APIError, PayloadTooLarge, Unauthorized
+from ..observability.logs import request_log
 
 logger = logging.getLogger("embedding_worker")
 Scope = dict[str, Any]

@@ -1,13 +1,21 @@
-"""Form a model's batches ourselves: from everything waiting, inputs of similar length.
+"""Length batching: the one stage where inputs wait, and how the engine's batches are formed.
 
-infinity commits arriving items to batches early (several batches ahead of the model), each from
-whatever arrived meanwhile. With concurrent requests of mixed lengths, short texts then ride in
-batches padded to the longest passage, and on a CPU the model's cost is per padded token: half
-the throughput or less (docs/performance.md). Here texts wait in our queue while engine calls
-run. The next call takes the oldest waiting text (so nothing starves) and those closest to it in
-length, as many as pad little (lengths in characters: a cheap stand-in for tokens). An idle
-engine is called at once, so a lone request pays nothing. The inputs are texts to embed or
-(query, document) pairs to score: anything with a length.
+The chain, from a request to the model (docs/architecture.md draws it):
+1. Here: each model has one `LengthBatcher` per kind of input (texts to embed, (query, document)
+   pairs to score). Inputs of every request wait in it while engine calls run. The next call takes
+   the oldest waiting input (so nothing starves) and those closest to it in length, as many as pad
+   little, at most the model's batch size (BATCH_SIZES). An idle engine is called at once, so a
+   lone request pays nothing; a busy one gets at most `MAX_IN_FLIGHT` calls.
+2. infinity's own queue then receives each call whole and runs it as one batch of its three model
+   threads (tokenise, forward, post-process); `INFINITY_QUEUE_SIZE` bounds what waits there.
+3. On a CPU, `engine.grouping` runs each batch's forward pass in length-sorted groups of at most
+   `GROUP_TOKENS` padded tokens (wide batches gain a CPU nothing); a GPU gets the batch whole.
+
+Why: infinity alone commits arriving items to batches early (several batches ahead of the model),
+each from whatever arrived meanwhile. With concurrent requests of mixed lengths, short texts then
+ride in batches padded to the longest passage, and on a CPU the model's cost is per padded token:
+half the throughput or less (docs/performance.md). Lengths here are characters, a cheap stand-in
+for tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +26,14 @@ from itertools import accumulate
 from typing import Any
 
 EngineCall = Callable[[list[Any]], Awaitable[tuple[list[Any], int]]]
+
+# Engine calls in flight per batcher: one computing, one being tokenised behind it.
+MAX_IN_FLIGHT = 2
+# Past the model's window every input is truncated to the same cost, so lengths are capped at
+# this many characters per window token, generous enough that no input within the window reaches
+# it (prose runs 4-5 characters a token, the benchmark's random words ~8): overlong inputs of any
+# length then share batches.
+CHARS_PER_TOKEN = 10
 
 # How many batches' worth of the oldest waiting texts a batch is chosen from: wider windows pad
 # less but sort more on the event loop, and spread a large request over more batches (its p50
@@ -54,7 +70,20 @@ class _Item:
         self.index = index
 
 
+def pair_length(pair: tuple[str, str]) -> int:
+    return len(pair[0]) + len(pair[1])
+
+
 class LengthBatcher:
+    @classmethod
+    def for_model(cls, call: EngineCall, length: Callable[[Any], int], batch_size: int,
+                  window: int | None) -> LengthBatcher:
+        """A model's batcher: lengths capped at the window (see `CHARS_PER_TOKEN`)."""
+        if window is not None:
+            cap, measure = window * CHARS_PER_TOKEN, length
+            length = lambda value: min(measure(value), cap)  # noqa: E731
+        return cls(call, length=length, max_in_flight=MAX_IN_FLIGHT, max_items=batch_size)
+
     def __init__(self, call: EngineCall, *, max_in_flight: int, max_items: int,
                  length: Callable[[Any], int] = len):
         self._call = call

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+# The padded tokens per group: budgets of 512-2048 measured alike (docs/performance.md).
 GROUP_TOKENS = 1024
 
 
@@ -31,23 +32,10 @@ def token_groups(lengths: list[int], budget: int) -> list[list[int]]:
     return groups + [group] if group else groups
 
 
-def group_batches(model: Any, budget: int = GROUP_TOKENS) -> None:
-    """Run `model`'s encoder stage in token groups, when it is one of infinity's text embedders
-    or cross-encoders padded on the right (cutting a group's padding assumes that)."""
-    from infinity_emb.transformer.crossencoder.optimum import OptimumCrossEncoder
-    from infinity_emb.transformer.crossencoder.torch import CrossEncoderPatched
-    from infinity_emb.transformer.embedder.optimum import OptimumEmbedder
-    from infinity_emb.transformer.embedder.sentence_transformer import SentenceTransformerPatched
+def grouped(core: Any, budget: int = GROUP_TOKENS) -> Any:
+    """`core` (an encoder stage taking padded features) run in token groups; `compat` decides
+    which models it fits (infinity's text classes, padded on the right)."""
 
-    known = (OptimumCrossEncoder, CrossEncoderPatched, OptimumEmbedder, SentenceTransformerPatched)
-    if type(model) not in known or getattr(model, "mode_colbert", False):  # ct2, ColBERT, ...
-        return
-    if getattr(model.tokenizer, "padding_side", "right") != "right":
-        return
-    model.encode_core = _grouped(model.encode_core, budget)
-
-
-def _grouped(core: Any, budget: int) -> Any:
     def encode_core(features: dict[str, Any]) -> Any:
         lengths = features["attention_mask"].sum(1)
         groups = token_groups(lengths.tolist(), budget)

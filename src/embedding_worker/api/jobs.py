@@ -1,0 +1,68 @@
+"""The RunPod "standard" job: one envelope for the RunPod handler and `POST /runsync`.
+
+A job's `input` names an OpenAI route (`openai_route` + `openai_input`, as RunPod's OpenAI proxy
+sends), or is an embedding or rerank body itself. Both transports run it here, so they give the
+same output, the same error text and the same treatment of an unexpected exception.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.core import Core
+from ..core.errors import APIError, BadRequest, NotFound
+
+logger = logging.getLogger("embedding_worker")
+
+JOB_SHAPES = (
+    'expected {"openai_route": "/v1/models" | "/v1/embeddings" | "/v1/rerank", "openai_input": '
+    '{...}}, an embedding body {"model", "input", "modality"?}, or a rerank body '
+    '{"model", "query", "docs"}'
+)
+
+
+def openai_routes(core: Core) -> dict[str, Callable[[Any], Awaitable[dict[str, Any]]]]:
+    """The OpenAI paths a job may name (without the /v1 or /openai/v1 prefix)."""
+    return {"/models": core.models.list, "/embeddings": core.embeddings.create,
+            "/rerank": core.rerank.create}
+
+
+async def dispatch(core: Core, job_input: Any) -> dict[str, Any]:
+    """Route a job's `input` to the family operation it names."""
+    if not isinstance(job_input, dict):
+        raise BadRequest(f"job input must be a JSON object; {JOB_SHAPES}")
+    if "openai_route" in job_input:
+        route = str(job_input["openai_route"]).rstrip("/")
+        operation = openai_routes(core).get(route.removeprefix("/openai").removeprefix("/v1"))
+        if operation is None:
+            raise NotFound(
+                f"openai_route {job_input['openai_route']!r} is not supported; expected one "
+                f"of /v1/models, /v1/embeddings, /v1/rerank",
+                param="openai_route",
+            )
+        return await operation(job_input.get("openai_input") or {})
+    if "query" in job_input:
+        return await core.rerank.create(job_input)
+    if "input" in job_input:
+        return await core.embeddings.create(job_input)
+    raise BadRequest(f"unrecognised job input; {JOB_SHAPES}")
+
+
+@dataclass
+class JobResult:
+    output: dict[str, Any] | None = None
+    error: str | None = None  # the job failed with this message
+    status: int = 200  # the HTTP status the same request would have had (for the log line)
+
+
+async def run_job(core: Core, job_input: Any, job_id: str) -> JobResult:
+    try:
+        return JobResult(output=await dispatch(core, job_input))
+    except APIError as exc:
+        return JobResult(error=exc.message, status=exc.status)
+    except Exception as exc:  # noqa: BLE001 - a job fails with a message, never silently
+        logger.exception("job %s failed", job_id)
+        return JobResult(error=f"internal error: {type(exc).__name__}", status=500)

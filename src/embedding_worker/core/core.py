@@ -1,0 +1,46 @@
+"""`Core`: the engine, the pipeline and the endpoint families of one process, started together.
+
+Transports call the families (`core.models.list`, `core.embeddings.create`, `core.rerank.create`,
+and the batch items) with parsed JSON bodies and get response dicts back (embeddings as numpy
+rows, see `encoding.dumps`) or an `errors.APIError`. Nothing here knows HTTP or RunPod.
+"""
+
+from __future__ import annotations
+
+from ..config import Settings
+from ..engine import create_engine
+from ..engine.base import Engine
+from .embed import Embeddings
+from .images import ImageFetcher
+from .models import Models
+from .pipeline import Pipeline
+from .rerank import Rerank
+
+
+class Core:
+    def __init__(self, settings: Settings, engine: Engine | None = None):
+        self.settings = settings
+        self.engine = engine if engine is not None else create_engine(settings)
+        self.images = ImageFetcher(settings)
+        self.pipeline = Pipeline(settings)
+        self.models = Models(settings, self.engine)
+        self.embeddings = Embeddings(self.pipeline, self.models, self.images)
+        self.rerank = Rerank(self.pipeline, self.models)
+
+    async def start(self) -> None:
+        await self.images.start()
+        await self.engine.start()
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+        await self.images.stop()
+
+    @property
+    def stalled(self) -> list[str]:
+        """Models whose batch loop has left work waiting past ENGINE_STALL_TIMEOUT."""
+        return [name for name, model in self.engine.models.items() if model.heartbeat.stalled]
+
+    @property
+    def ready(self) -> bool:
+        """Started, and no model's batch loop stalled."""
+        return self.engine.ready and not self.stalled

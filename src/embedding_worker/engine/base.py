@@ -1,0 +1,169 @@
+"""The engine seam: everything the core may ask of the models, and nothing more.
+
+The core holds an `Engine` and its `ModelBackend`s and never an engine library's object. This
+module imports no engine library, so the core can import it; `engine.infinity` implements it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+# What a model can do; the core checks a request's needs against `ModelInfo.capabilities`.
+CAPABILITIES = ("embed", "image_embed", "audio_embed", "rerank", "classify")
+
+
+class Fault(float):
+    """Result of one item the model raised on. A NaN float, so that score arithmetic (sigmoid,
+    sorting) passes it through unchanged; the core turns it into a 500 for that item's request."""
+
+    error: str
+
+    def __new__(cls, error: BaseException) -> Fault:
+        fault = super().__new__(cls, math.nan)
+        fault.error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        return fault
+
+
+def is_fault(value: Any) -> bool:
+    return isinstance(value, Fault) or (isinstance(value, float) and math.isnan(value))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the core and `/v1/models` know of a started model."""
+
+    name: str
+    source: str
+    backend: str  # what computes it: torch, optimum (ONNX Runtime), ctranslate2
+    dtype: str
+    device: str
+    batch_size: int  # inputs per engine call
+    capabilities: frozenset[str]
+    window: int | None  # tokens per input, special tokens included; None: no text tokenizer
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    queue_fraction: float
+    queue_absolute: int
+    results_pending: int
+
+
+class Heartbeat:
+    """Progress of one model's batch loop, so that `/readyz` can tell a stalled loop from a busy
+    one. The core reports work submitted and finished (event loop thread); the engine reports
+    each finished batch (`beat`, from its own thread: it only writes `last_batch`)."""
+
+    def __init__(self, stall_timeout: float):
+        self.stall_timeout = stall_timeout
+        self.last_batch = time.monotonic()
+        self.pending = 0  # engine calls awaiting results
+        self.batches = 0  # batches finished, for tests and diagnostics
+        self._unserved_since: float | None = None  # oldest work no finished batch came after
+
+    def submitted(self) -> None:
+        self.pending += 1
+        if self._unserved_since is None:
+            self._unserved_since = time.monotonic()
+
+    def finished(self, *, abandoned: bool = False) -> None:
+        """`abandoned`: the caller went away; the engine skips its queued items, so no batch may
+        follow, and that is no evidence of a stall. (A deadline that expired is evidence.)"""
+        self.pending -= 1
+        if abandoned and self.pending == 0:
+            self._unserved_since = None
+
+    def beat(self) -> None:
+        self.batches += 1
+        self.last_batch = time.monotonic()
+
+    def stalled_for(self) -> float:
+        """Seconds that submitted work has waited without any batch finishing (0 if none)."""
+        since = self._unserved_since
+        if since is None:
+            return 0.0
+        if self.last_batch >= since:  # a batch finished since: progress
+            if self.pending == 0:
+                self._unserved_since = None
+                return 0.0
+            self._unserved_since = since = self.last_batch
+        return time.monotonic() - since
+
+    @property
+    def stalled(self) -> bool:
+        return self.stalled_for() > self.stall_timeout
+
+
+Rows = tuple[list[Any], int]  # one result per input (a `Fault` where the model failed), usage
+
+
+class ModelBackend(ABC):
+    """One started model. Results come back in input order; an item the model failed on gets a
+    `Fault` (or NaN) in its place, and only the requests owning such items fail."""
+
+    info: ModelInfo
+    heartbeat: Heartbeat
+
+    @property
+    @abstractmethod
+    def last_fault(self) -> str:
+        """The reason of the latest fault (scores can lose the `Fault` type in arithmetic)."""
+
+    @abstractmethod
+    async def embed(self, texts: list[str]) -> Rows:
+        """One vector per text (a float array)."""
+
+    @abstractmethod
+    async def embed_images(self, images: list[Any]) -> Rows:
+        """One vector per decoded RGB image."""
+
+    @abstractmethod
+    async def score(self, pairs: list[tuple[str, str]]) -> Rows:
+        """The raw relevance score of each (query, document) pair, whatever their queries."""
+
+    @abstractmethod
+    def usage(self, texts: list[str]) -> int:
+        """Tokens the model sees for `texts` (truncated to the window), special tokens excluded.
+        Blocking: call it in a thread for long inputs."""
+
+    @abstractmethod
+    def count_tokens(self, texts: list[str], pairs_with: str | None = None) -> list[int] | None:
+        """Tokens per text (or per `(pairs_with, text)` pair) before truncation, special tokens
+        included; None when the model has no text tokenizer. Blocking, thread-safe."""
+
+    @abstractmethod
+    def queue(self) -> QueueStats:
+        """What waits in the engine's own queue."""
+
+
+class Engine(ABC):
+    """The served models: loaded in `load` (blocking, slow), started in `start` in the serving
+    event loop. Never loads in `__init__`: probes must answer meanwhile."""
+
+    state: str  # starting -> ready -> stopped | failed
+    failure: str  # why it failed, in one line
+    models: dict[str, ModelBackend]  # filled once ready
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load the weights. Idempotent; raises on a load failure."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load (in a thread) and start the batch loops; idempotent and safe to call
+        concurrently. A load failure leaves `state == "failed"` with the reason."""
+
+    @abstractmethod
+    async def stop(self) -> None: ...
+
+
+def one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]

@@ -1,0 +1,282 @@
+"""Every touch of infinity-emb's internals, checked before it is made.
+
+infinity-emb is pinned (0.0.78). The service relies on eight things it does not offer publicly;
+each is listed in `WORKAROUNDS` with what it is for, and docs/architecture.md says how to drop it
+once infinity fixes it. Before any is applied, `check_modules` and `adapt` look up every attribute
+they will read or replace and check its type; a missing or changed one raises
+`IncompatibleInfinity`, which stops the process with one line naming it (an upgrade must fail at
+start-up, never serve silently different numbers). Nothing outside this module reads an infinity
+attribute that starts with an underscore or replaces one of its methods.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import grouping
+from .fault_guard import FaultGuard
+from .onnx_export import OnnxModel
+
+logger = logging.getLogger("embedding_worker")
+
+WRITTEN_FOR = "0.0.78"
+
+# name -> what it is for (the docs hold the why and how to drop each)
+WORKAROUNDS = {
+    "bare onnx file name": "optimum 2.x finds a local .onnx file by its bare name only",
+    "onnx window and usage": "the optimum classes truncate at the position embeddings and count "
+                             "special tokens in usage",
+    "onnx token types": "the optimum cross-encoder drops a BERT reranker's token types",
+    "fault containment": "an exception in a model stage kills infinity's batch thread",
+    "cpu grouping": "infinity pads a whole batch to its longest text",
+    "usage as truncated": "the torch classes count usage past the model's window",
+    "no result delay": "infinity's post-processing thread sleeps 5 ms after most batches",
+    "pair scoring": "the public rerank takes one query per call; batches mix queries",
+}
+
+
+class IncompatibleInfinity(RuntimeError):
+    """infinity-emb lacks, or changed, something a workaround touches."""
+
+
+def stop_process(exc: IncompatibleInfinity) -> NoReturn:
+    """One line, then the process ends: no request may be served on an infinity that the
+    workarounds do not fit. (Under `bentoml serve` the arbiter starts the worker again, which
+    stops again: the server never becomes ready.)"""
+    logger.critical("stopping: %s", exc)
+    logging.shutdown()
+    os._exit(EXIT_INCOMPATIBLE)
+
+
+EXIT_INCOMPATIBLE = 3
+
+
+_MISSING = object()
+
+
+def _need(owner: Any, attr: str, expect: type | tuple[type, ...] | str, workaround: str) -> Any:
+    """`owner.attr`, which must exist and be of the kind `expect` ("callable", "coroutine", or
+    types); otherwise one line that names the attribute and the workaround."""
+    value = getattr(owner, attr, _MISSING)
+    where = f"{getattr(owner, '__name__', type(owner).__name__)}.{attr}"
+    if value is _MISSING:
+        found = "is missing"
+    elif expect == "callable":
+        found = None if callable(value) else f"is a {type(value).__name__}, not callable"
+    elif expect == "coroutine":
+        found = None if inspect.iscoroutinefunction(value) else "is not a coroutine function"
+    elif isinstance(value, expect) and not isinstance(value, bool):  # type: ignore[arg-type]
+        found = None
+    else:
+        found = f"is a {type(value).__name__}"
+    if found is not None:
+        raise IncompatibleInfinity(
+            f"infinity-emb {_version()}: {where} {found}; the {workaround!r} workaround "
+            f"({WORKAROUNDS[workaround]}) was written for infinity-emb {WRITTEN_FOR}"
+        )
+    return value
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("infinity_emb")
+
+
+# --- module-level: before the engines are built ---
+
+
+def _optimum_modules() -> tuple[types.ModuleType, ...]:
+    from infinity_emb.transformer.crossencoder import optimum as crossencoder
+    from infinity_emb.transformer.embedder import optimum as embedder
+
+    return embedder, crossencoder
+
+
+def check_modules(onnx: bool) -> None:
+    """What must be there before loading: the module functions patched for ONNX Runtime and the
+    classes the model-level workarounds recognise."""
+    if _version() != WRITTEN_FOR:
+        logger.warning("infinity-emb %s is installed; this service was written for %s",
+                       _version(), WRITTEN_FOR)
+    _text_classes()
+    from infinity_emb import primitives
+
+    _need(primitives, "ReRankSingle", type, "pair scoring")
+    if onnx:
+        for module in _optimum_modules():
+            _need(module, "get_onnx_files", "callable", "bare onnx file name")
+
+
+def bare_onnx_file_names() -> None:
+    """infinity lists a local model's `.onnx` files with their directory and hands one to optimum
+    as `file_name`, which optimum 2.x compares with each file's bare name (FileNotFoundError).
+    Hand it the bare name. Idempotent."""
+    for module in _optimum_modules():
+        listed = _need(module, "get_onnx_files", "callable", "bare onnx file name")
+        if getattr(listed, "bare_name", False):
+            continue
+
+        def bare_name(*, _listed=listed, **kwargs: Any) -> Path:
+            return Path(_listed(**kwargs).name)
+
+        bare_name.bare_name = True  # type: ignore[attr-defined]
+        module.get_onnx_files = bare_name
+
+
+def _text_classes() -> dict[str, tuple[type, ...]]:
+    """infinity's text model classes the workarounds know: embedders and cross-encoders."""
+    from infinity_emb.transformer.crossencoder.optimum import OptimumCrossEncoder
+    from infinity_emb.transformer.crossencoder.torch import CrossEncoderPatched
+    from infinity_emb.transformer.embedder.optimum import OptimumEmbedder
+    from infinity_emb.transformer.embedder.sentence_transformer import SentenceTransformerPatched
+
+    return {"onnx": (OptimumEmbedder, OptimumCrossEncoder),
+            "torch": (SentenceTransformerPatched, CrossEncoderPatched),
+            "cross_encoder": (OptimumCrossEncoder,)}
+
+
+# --- per engine: after it is built, before its batch loop serves ---
+
+
+@dataclass
+class Adapted:
+    """What the infinity backend needs of one started engine beyond its public methods."""
+
+    window: int | None
+    tokenizer: Any | None  # the model's own tokenizer (count_tokens), None without text
+    usage: Callable[[list[str]], list[int]]  # text tokens per text, as the model saw them
+    score: Callable[[list[tuple[str, str]]], Any]  # awaitable (scores, usage) for any pairs
+
+
+def adapt(engine: Any, *, onnx: OnnxModel | None, cpu: bool, guard: FaultGuard) -> Adapted:
+    """Check every attribute the workarounds need on `engine` and its models, then apply them.
+    The order matters: the ONNX mends replace `encode_pre` and set the window before anything
+    wraps the stages; grouping wraps the encoder stage; the fault guard wraps all three last, so
+    that it sees (and contains) what the others do; the usage cap reads the final window."""
+    replicas = _need(engine, "_model_replicas", list, "fault containment")
+    if not replicas:
+        raise IncompatibleInfinity("infinity-emb: AsyncEmbeddingEngine._model_replicas is empty")
+    handler = _need(engine, "_batch_handler", object, "pair scoring")
+    schedule = _need(handler, "_schedule", "coroutine", "pair scoring")
+    workers = _need(handler, "model_worker", list, "no result delay")
+    for worker in workers:
+        _need(worker, "_batch_delay", float, "no result delay")
+    classes = _text_classes()
+    text = tuple(cls for group in ("onnx", "torch") for cls in classes[group])
+    for model in replicas:
+        for stage in ("encode_pre", "encode_core", "encode_post"):
+            _need(model, stage, "callable", "fault containment")
+        if isinstance(model, text):
+            _need(model, "_infinity_tokenizer", object, "usage as truncated")
+            _need(model, "tokenizer", object, "usage as truncated")
+        if onnx is not None:
+            _need(model, "config", object, "onnx window and usage")
+            _need(model.config, "max_position_embeddings", int, "onnx window and usage")
+
+    for model in replicas:
+        if onnx is not None:
+            _fit_onnx(model, onnx, classes["cross_encoder"])
+        if cpu and _groupable(model, text):
+            model.encode_core = grouping.grouped(model.encode_core)
+        model.encode_pre, model.encode_core, model.encode_post = guard.guard_stages(
+            model.encode_pre, model.encode_core, model.encode_post)
+    first = replicas[0]
+    window = _window(first)
+    if isinstance(first, text) and window is None:
+        raise IncompatibleInfinity(
+            f"infinity-emb {_version()}: {type(first).__name__} has no max_seq_length or "
+            f"max_length; truncation checks and usage need the model's window")
+    for model in replicas:
+        _count_usage_as_truncated(model, window)
+    for worker in workers:
+        # infinity's post-processing thread sleeps `batch_delay` (5 ms) before finishing every
+        # batch that has no successor computed yet: its test `_last_inference < now + 2 * delay`
+        # is always true, so every request waited 5 ms more (a lone short text: 16.5 -> 11 ms
+        # in-process, docs/performance.md). With 0 it only yields; the put into its bounded
+        # queues still applies back-pressure. The publisher's own delay is left alone.
+        worker._batch_delay = 0.0
+
+    from infinity_emb.primitives import ReRankSingle
+
+    def score(pairs: list[tuple[str, str]]) -> Any:
+        return schedule([ReRankSingle(query=q, document=d) for q, d in pairs])
+
+    return Adapted(window=window, tokenizer=_tokenizer(first), usage=first.tokenize_lengths,
+                   score=score)
+
+
+def _groupable(model: Any, text: tuple[type, ...]) -> bool:
+    """Grouping cuts each group's padding on the right: only infinity's own text classes padded
+    that way, and not ColBERT (its token vectors are the output)."""
+    if type(model) not in text or getattr(model, "mode_colbert", False):
+        return False
+    return getattr(model.tokenizer, "padding_side", "right") == "right"
+
+
+def _tokenizer(model: Any) -> Any:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        tokenizer = getattr(getattr(model, "processor", None), "tokenizer", None)
+    return tokenizer if callable(tokenizer) else None
+
+
+def _window(model: Any) -> int | None:
+    """The model's input window in tokens: what infinity truncates every text to."""
+    for attr in ("max_seq_length", "max_length"):
+        value = getattr(model, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(_tokenizer(model), "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+
+
+def _count_usage_as_truncated(model: Any, window: int | None) -> None:
+    """infinity counts usage with a tokenizer copy that truncates at the tokenizer's own limit,
+    which can exceed the model's window (MiniLM: 512 vs 256). Cap it at the window less the
+    special tokens, so usage counts exactly the text tokens the model saw."""
+    counter = getattr(model, "_infinity_tokenizer", None)  # required of `text` (see `adapt`)
+    if counter is None or window is None:
+        return
+    special = counter.num_special_tokens_to_add(pair=False)
+    counter.model_max_length = max(1, window - special)
+
+
+def _fit_onnx(model: Any, plan: OnnxModel, cross_encoders: tuple[type, ...]) -> None:
+    """Mend a loaded infinity optimum model. It truncates at `config.max_position_embeddings`:
+    cap that at the model's window (MiniLM: 256, not 512; RoBERTa: 512, not 514). It counts usage
+    with special tokens, unlike the torch classes: count text tokens only. A cross-encoder
+    tokenises pairs without token types, so BERT rerankers scored every document as segment A:
+    tokenise as the model's own tokenizer does."""
+    tokenizer_limit = getattr(model.tokenizer, "model_max_length", None)
+    if not isinstance(tokenizer_limit, int) or tokenizer_limit >= 1_000_000:  # "no limit"
+        tokenizer_limit = None
+    limits = [plan.window, model.config.max_position_embeddings, tokenizer_limit]
+    window = min(limit for limit in limits if limit)
+    model.config.max_position_embeddings = window
+    model.max_seq_length = window  # what `_window` reads
+    model.tokenize_lengths = types.MethodType(_text_tokens, model)
+    if isinstance(model, cross_encoders) and "token_type_ids" in model.model.input_names:
+        model.encode_pre = types.MethodType(_pairs_with_token_types, model)
+
+
+def _text_tokens(self: Any, texts: list[str]) -> list[int]:
+    encoded = self._infinity_tokenizer(texts, add_special_tokens=False, padding=False,
+                                       truncation=True)
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+def _pairs_with_token_types(self: Any, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    import numpy as np
+
+    encoded = self.tokenizer(pairs, max_length=self.config.max_position_embeddings, padding=True,
+                             truncation="longest_first", return_tensors="np")
+    return {k: v.astype(np.int64) for k, v in encoded.items()}
+

@@ -1,0 +1,231 @@
+"""The engine seam implemented on Infinity (`infinity-emb` as a library).
+
+Uses infinity's public entry points only (`AsyncEngineArray`, `EngineArgs`, an engine's `embed`,
+`image_embed`, `capabilities`, `engine_args`, `overload_status`); what it needs beyond them comes
+from `compat`, which checks it first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+import time
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from ..config import ModelSpec, Settings, onnx_cache_dir, prepare_infinity_environment, prepare_model_cache
+from . import compat, onnx_export
+from .base import Engine, Heartbeat, ModelBackend, ModelInfo, QueueStats, Rows, one_line
+from .fault_guard import FaultGuard
+
+if TYPE_CHECKING:  # infinity is imported lazily: it reads its environment at import time
+    from infinity_emb import AsyncEmbeddingEngine, AsyncEngineArray
+
+logger = logging.getLogger("embedding_worker")
+
+
+class InfinityModel(ModelBackend):
+    def __init__(self, engine: AsyncEmbeddingEngine, info: ModelInfo, adapted: compat.Adapted,
+                 guard: FaultGuard):
+        self._engine = engine
+        self._adapted = adapted
+        self._guard = guard
+        self.info = info
+        self.heartbeat = guard.heartbeat
+        self._counter: tuple[threading.Lock, Any] | None = None
+
+    @property
+    def last_fault(self) -> str:
+        return self._guard.last_fault
+
+    async def embed(self, texts: list[str]) -> Rows:
+        return await self._engine.embed(sentences=texts)
+
+    async def embed_images(self, images: list[Any]) -> Rows:
+        return await self._engine.image_embed(images=images)
+
+    async def score(self, pairs: list[tuple[str, str]]) -> Rows:
+        scores, usage = await self._adapted.score(pairs)
+        return list(scores), usage
+
+    def usage(self, texts: list[str]) -> int:
+        return int(sum(self._adapted.usage(texts)))
+
+    def count_tokens(self, texts: list[str], pairs_with: str | None = None) -> list[int] | None:
+        # Its own tokenizer copy under a lock: fast tokenizers are not re-entrant, and the
+        # model's own copy is busy in infinity's pre-processing thread.
+        if self._counter is None:
+            if self._adapted.tokenizer is None:
+                return None
+            self._counter = (threading.Lock(), copy.deepcopy(self._adapted.tokenizer))
+        lock, tokenizer = self._counter
+        with lock:
+            if pairs_with is None:
+                encoded = tokenizer(texts, add_special_tokens=True, truncation=False)
+            else:
+                encoded = tokenizer([pairs_with] * len(texts), texts, add_special_tokens=True,
+                                    truncation=False)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def queue(self) -> QueueStats:
+        status = self._engine.overload_status()
+        return QueueStats(status.queue_fraction, status.queue_absolute, status.results_absolute)
+
+
+class InfinityEngine(Engine):
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.specs = {spec.served_name: spec for spec in settings.models}
+        self.state = "starting"
+        self.failure = ""
+        self.models = {}
+        self._array: AsyncEngineArray | None = None
+        self._lock: asyncio.Lock | None = None
+        self._onnx: dict[str, onnx_export.OnnxModel] = {}  # the models ONNX Runtime serves
+
+    @cached_property
+    def device(self) -> str:
+        """Where the models run; infinity leaves `auto` unresolved until torch picks."""
+        if self.settings.device != "auto":
+            return self.settings.device
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+
+    def _engine_kwargs(self, spec: ModelSpec) -> dict[str, Any]:
+        kwargs = dict(
+            model_name_or_path=spec.source,
+            served_model_name=spec.served_name,
+            batch_size=spec.batch_size,
+            engine="optimum" if spec.served_name in self._onnx else self._fallback_backend,
+            dtype=spec.dtype,
+            device=self.settings.device,
+            model_warmup=self.settings.model_warmup,
+            lengths_via_tokenize=True,  # usage counts real tokens
+            bettertransformer=False,  # deprecated in optimum; plain SDPA is as fast
+        )
+        onnx = self._onnx.get(spec.served_name)
+        if onnx is not None:
+            # infinity's own graph optimisation fails under optimum 2.x and writes into the hub
+            # cache (our export is fused instead); quantised files lose fidelity.
+            kwargs.update(model_name_or_path=onnx.directory, pooling_method=onnx.pooling,
+                          onnx_disable_optimize=True, onnx_do_not_prefer_quantized=True)
+        return kwargs
+
+    @property
+    def _fallback_backend(self) -> str:
+        """What serves a model ONNX Runtime does not (with BACKEND=optimum, none)."""
+        return "torch" if self.settings.backend == "auto" else self.settings.backend
+
+    def _prepare_onnx(self) -> dict[str, onnx_export.OnnxModel]:
+        """The models ONNX Runtime serves, exported if need be. BACKEND=optimum: all of them, or
+        a load failure with the reason. BACKEND=auto: on a CPU, each text model in float32 that
+        exports; any other (a GPU, an image model, an export that fails) is served by torch."""
+        backend, models = self.settings.backend, self.settings.models
+        if backend == "auto":
+            if self.device != "cpu" or not onnx_export.onnxruntime_installed():
+                return {}
+            models = tuple(spec for spec in models if spec.dtype in ("auto", "float32"))
+        elif backend != "optimum":
+            return {}
+        if not models:
+            return {}
+        onnx_export.require_onnxruntime()
+        compat.bare_onnx_file_names()
+        cache = onnx_cache_dir(self.settings)
+        prepared = {}
+        for spec in models:
+            try:
+                prepared[spec.served_name] = onnx_export.prepare(spec.source, cache)
+            except Exception as exc:
+                if backend == "optimum":
+                    raise
+                logger.info("model %s: served by torch, not ONNX Runtime: %s", spec.served_name,
+                            one_line(exc))
+        return prepared
+
+    def load(self) -> None:
+        if self._array is not None:
+            return
+        try:
+            self._load()
+        except compat.IncompatibleInfinity as exc:
+            compat.stop_process(exc)
+
+    def _load(self) -> None:
+        for spec in self.settings.models:
+            if spec.bundled:
+                logger.info("MODEL_NAMES is unset: serving the bundled %s from %s (offline)",
+                            spec.served_name, spec.source)
+        prepare_infinity_environment(self.settings)
+        prepare_model_cache(self.settings)
+        compat.check_modules(onnx=self.settings.backend in ("auto", "optimum"))
+        self._onnx = self._prepare_onnx()
+        from infinity_emb import AsyncEngineArray, EngineArgs
+
+        def build() -> AsyncEngineArray:
+            return AsyncEngineArray.from_args(
+                [EngineArgs(**self._engine_kwargs(spec)) for spec in self.settings.models])
+
+        try:
+            self._array = build()
+        except Exception as exc:
+            if self.settings.backend != "auto" or not self._onnx:
+                raise
+            logger.warning("ONNX Runtime could not load the models, serving them all by torch: %s",
+                           one_line(exc))
+            self._onnx = {}
+            self._array = build()
+
+    async def start(self) -> None:
+        """Load weights in a worker thread (keeps /livez answering), then start the batch loops
+        in the running event loop (infinity binds its queues to it)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # concurrent first jobs (RunPod) start the engines once
+            if self.state == "starting":
+                await self._start()
+
+    async def _start(self) -> None:
+        try:
+            await asyncio.to_thread(self.load)
+            assert self._array is not None
+            await self._array.astart()
+            models = {name: self._adapt(name, self._array[name]) for name in self.specs}
+        except compat.IncompatibleInfinity as exc:
+            compat.stop_process(exc)  # not a model's fault: nothing may be served
+        except Exception as exc:
+            # Stay up and unready (503 with the reason) rather than crash-looping the worker.
+            self.state = "failed"
+            self.failure = one_line(exc)
+            logger.error("model loading failed, the service stays unready: %s", self.failure)
+            return
+        self.models = models
+        self.state = "ready"
+
+    def _adapt(self, name: str, engine: AsyncEmbeddingEngine) -> InfinityModel:
+        guard = FaultGuard(name, Heartbeat(self.settings.engine_stall_timeout))
+        adapted = compat.adapt(engine, onnx=self._onnx.get(name), cpu=self.device == "cpu",
+                               guard=guard)
+        args = engine.engine_args
+        info = ModelInfo(
+            name=name, source=self.specs[name].source, backend=args.engine.value,
+            dtype=args.dtype.value, device=self.device, batch_size=args.batch_size,
+            capabilities=frozenset(engine.capabilities), window=adapted.window,
+        )
+        onnx = self._onnx.get(name)
+        logger.info(
+            "model %s: source=%s backend=%s dtype=%s device=%s batch_size=%d capabilities=%s%s",
+            name, info.source, info.backend, info.dtype, info.device, info.batch_size,
+            ",".join(sorted(info.capabilities)), f" onnx={onnx.directory}" if onnx else "",
+        )
+        return InfinityModel(engine, info, adapted, guard)
+
+    async def stop(self) -> None:
+        if self._array is not None and self.state == "ready":
+            self.state = "stopped"
+            await self._array.astop()
