@@ -1,4 +1,4 @@
-"""On a CPU a batch runs as length-sorted groups (grouping.py): each row must come back in its
+"""On a CPU a batch runs as length-sorted groups (engine/grouping.py): each row must come back in its
 place with the numbers of the whole batch, on both backends."""
 
 from __future__ import annotations

@@ -357,7 +357,7 @@ def test_non_object_bodies_are_refused(body):
 
 
 # --------------------------------------------------------------------------------------------
-# operations.parse on arbitrary JSON: a model or a BadRequest, nothing else
+# pipeline.parse on arbitrary JSON: a model or a BadRequest, nothing else
 # --------------------------------------------------------------------------------------------
 
 plausible_bodies = st.fixed_dictionaries(

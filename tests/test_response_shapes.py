@@ -1,0 +1,72 @@
+"""What is sent cannot drift from the OpenAPI document: the bytes of every response shape are
+validated against the model that documents it (the models forbid undeclared keys)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import MINILM
+from embedding_worker.core.schemas import (
+    EmbeddingResponse,
+    ErrorResponse,
+    ModelList,
+    RerankResponse,
+    RunSyncResponse,
+)
+
+DOCS = ["a warranty of two years", "red and blue", "electronics"]
+
+
+@pytest.mark.parametrize("body", [
+    {"model": MINILM, "input": ["one", "two"]},
+    {"model": MINILM, "input": "one", "encoding_format": "base64"},
+    {"model": "tiny-embed", "input": "one", "dimensions": 4},
+])
+def test_embeddings(client, body):
+    response = client.post("/v1/embeddings", json=body)
+    assert response.status_code == 200
+    EmbeddingResponse.model_validate_json(response.content)
+
+
+@pytest.mark.parametrize("extra", [{}, {"return_documents": True, "top_n": 2}])
+def test_rerank(client, extra):
+    response = client.post("/v1/rerank", json={"model": "tiny-rerank", "query": "q", "documents": DOCS,
+                                               **extra})
+    assert response.status_code == 200
+    parsed = RerankResponse.model_validate_json(response.content)
+    documents = [result.get("document") for result in response.json()["results"]]
+    assert all(documents) if extra else "document" not in response.text
+    assert len(parsed.results) == (2 if extra else 3)
+
+
+def test_models(client):
+    ModelList.model_validate_json(client.get("/v1/models").content)
+
+
+@pytest.mark.parametrize("method, path, body, status", [
+    ("post", "/v1/embeddings", {"model": MINILM, "input": []}, 400),
+    ("post", "/v1/embeddings", {"model": "nope", "input": "x"}, 404),
+    ("post", "/v1/embeddings", {"model": MINILM, "input": ["x"] * 101}, 413),
+    ("get", "/v1/nowhere", None, 404),
+    ("get", "/v1/embeddings", None, 405),
+])
+def test_errors(client, method, path, body, status):
+    response = getattr(client, method)(path, **({} if body is None else {"json": body}))
+    assert response.status_code == status
+    ErrorResponse.model_validate_json(response.content)
+
+
+@pytest.mark.parametrize("job, status", [
+    ({"openai_route": "/v1/models"}, "COMPLETED"),
+    ({"model": MINILM, "input": "x"}, "COMPLETED"),
+    ({"model": "nope", "input": "x"}, "FAILED"),
+])
+def test_runsync(client, job, status):
+    response = client.post("/runsync", json={"input": job})
+    assert RunSyncResponse.model_validate_json(response.content).status == status
+
+
+def test_an_undeclared_key_would_be_caught():
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        ErrorResponse.model_validate_json(
+            b'{"error": {"message": "m", "type": "t", "param": null, "code": null, "extra": 1}}')
