@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable
 from itertools import accumulate
 from typing import Any
 
+from ..engine.base import ModelBackend
+
 EngineCall = Callable[[list[Any]], Awaitable[tuple[list[Any], int]]]
 
 # Engine calls in flight per batcher: one computing, one being tokenised behind it.
@@ -72,6 +74,23 @@ class _Item:
 
 def pair_length(pair: tuple[str, str]) -> int:
     return len(pair[0]) + len(pair[1])
+
+
+class PerModel:
+    """One `LengthBatcher` per model for one kind of input: `call` picks the model's engine call
+    (`ModelBackend.embed`, `.score`), `length` measures an input."""
+
+    def __init__(self, call: Callable[[ModelBackend], EngineCall], length: Callable[[Any], int]):
+        self._call = call
+        self._length = length
+        self._batchers: dict[str, LengthBatcher] = {}
+
+    def __call__(self, model: ModelBackend) -> LengthBatcher:
+        batcher = self._batchers.get(model.info.name)
+        if batcher is None:
+            batcher = self._batchers[model.info.name] = LengthBatcher.for_model(
+                self._call(model), self._length, model.info.batch_size, model.info.window)
+        return batcher
 
 
 class LengthBatcher:

@@ -7,10 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.base import ModelBackend
 from ..observability import metrics
 from . import schemas
-from .batching import LengthBatcher
+from .batching import PerModel
 from .encoding import as_matrix, encode_rows, truncate
 from .errors import BadRequest, NotImplementedModality, too_many
 from .images import ImageFetcher
@@ -24,15 +23,8 @@ class Embeddings:
         self.pipeline = pipeline
         self.models = models
         self.images = images
-        self._batchers: dict[str, LengthBatcher] = {}
+        self.batcher = PerModel(lambda model: model.embed, len)
         self._dims: dict[str, int] = {}  # learnt from the first embedding of each model
-
-    def batcher(self, model: ModelBackend) -> LengthBatcher:
-        batcher = self._batchers.get(model.info.name)
-        if batcher is None:
-            batcher = self._batchers[model.info.name] = LengthBatcher.for_model(
-                model.embed, len, model.info.batch_size, model.info.window)
-        return batcher
 
     async def create(self, body: Any) -> dict[str, Any]:
         settings = self.pipeline.settings

@@ -7,9 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.base import ModelBackend
 from . import schemas
-from .batching import LengthBatcher, pair_length
+from .batching import PerModel, pair_length
 from .errors import too_many
 from .models import Models
 from .pipeline import Pipeline, parse, per_model
@@ -24,15 +23,8 @@ class Rerank:
     def __init__(self, pipeline: Pipeline, models: Models):
         self.pipeline = pipeline
         self.models = models
-        self._batchers: dict[str, LengthBatcher] = {}
-
-    def batcher(self, model: ModelBackend) -> LengthBatcher:
-        """(query, document) pairs of every request, batched by length whatever their query."""
-        batcher = self._batchers.get(model.info.name)
-        if batcher is None:
-            batcher = self._batchers[model.info.name] = LengthBatcher.for_model(
-                model.score, pair_length, model.info.batch_size, model.info.window)
-        return batcher
+        # (query, document) pairs of every request, batched by length whatever their query
+        self.batcher = PerModel(lambda model: model.score, pair_length)
 
     async def create(self, body: Any) -> dict[str, Any]:
         request = parse(RerankRequest, body)

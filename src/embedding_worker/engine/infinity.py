@@ -11,7 +11,6 @@ import asyncio
 import copy
 import logging
 import threading
-import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
