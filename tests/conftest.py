@@ -78,6 +78,7 @@ def served_env(tiny_models) -> dict[str, str]:
     return {
         "MODEL_NAMES": f"{bundled_model_path()};{tiny_models['embed']};{tiny_models['rerank']};{tiny_models['clip']}",
         "SERVED_MODEL_NAMES": f"{MINILM};tiny-embed;tiny-rerank;tiny-clip",
+        "PROMPTS": "query=query: |document=passage: ;;;",
         "BATCH_SIZES": "16",
         "MAX_INPUT_ITEMS": "100",
         "MAX_RERANK_DOCUMENTS": "50",

@@ -22,8 +22,11 @@ def _tiny_bert_config(**extra):
     )
 
 
-def make_tiny_embedder(path: Path, *, positions: int = 512, seed: int = 0) -> Path:
-    """A BERT embedder in sentence-transformers layout (mean pooling + normalise), 128 tokens."""
+def make_tiny_embedder(path: Path, *, positions: int = 512, seed: int = 0, window: int = 128,
+                       prompts: dict[str, str] | None = None,
+                       default_prompt_name: str | None = None) -> Path:
+    """A BERT embedder in sentence-transformers layout (mean pooling + normalise), 128 tokens;
+    `prompts` go into its config_sentence_transformers.json."""
     import torch
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, BertModel
@@ -32,9 +35,10 @@ def make_tiny_embedder(path: Path, *, positions: int = 512, seed: int = 0) -> Pa
     raw = path / "raw"
     BertModel(_tiny_bert_config(max_position_embeddings=positions)).save_pretrained(raw)
     AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(raw)
-    transformer = models.Transformer(str(raw), max_seq_length=128)
+    transformer = models.Transformer(str(raw), max_seq_length=window)
     st = SentenceTransformer(
-        modules=[transformer, models.Pooling(HIDDEN, "mean"), models.Normalize()], device="cpu"
+        modules=[transformer, models.Pooling(HIDDEN, "mean"), models.Normalize()], device="cpu",
+        prompts=prompts, default_prompt_name=default_prompt_name,
     )
     st.save(str(path))
     return path

@@ -18,6 +18,19 @@ def test_batched_embed_matches_openai_route(client):
         np.testing.assert_allclose(vector, direct.json()["data"][0]["embedding"], atol=1e-5)
 
 
+def test_batched_embed_takes_a_prompt_name(client):
+    items = [{"model": MINILM, "text": "tides", "prompt_name": "query"}, {"model": MINILM, "text": "tides"}]
+    vectors = client.post("/batch/embed", json={"items": items}).json()
+    direct = client.post("/v1/embeddings", json={"model": MINILM, "input": "tides",
+                                                 "prompt_name": "query"}).json()
+    plain = client.post("/v1/embeddings", json={"model": MINILM, "input": "query: tides"}).json()
+    np.testing.assert_allclose(vectors[0], direct["data"][0]["embedding"], atol=1e-5)
+    np.testing.assert_allclose(vectors[0], plain["data"][0]["embedding"], atol=1e-5)
+    assert not np.allclose(vectors[0], vectors[1], atol=1e-3)
+    bad = client.post("/batch/embed", json={"items": [{"model": MINILM, "text": "x", "prompt_name": "nope"}]})
+    assert bad.status_code == 400 and "prompt_name: 'nope' is not a prompt of model" in bad.text
+
+
 def test_bad_caller_does_not_fail_concurrent_good_callers(client):
     def call(i):
         model = "nope" if i % 5 == 0 else MINILM

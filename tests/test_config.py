@@ -3,7 +3,7 @@ import pytest
 from embedding_worker.config import BUNDLED_MODEL_ID, ConfigError, bundled_model_path, load_settings
 
 VARS = ["MODEL_NAMES", "SERVED_MODEL_NAMES", "BATCH_SIZES", "BACKEND", "DTYPES", "DEVICE",
-        "INFINITY_QUEUE_SIZE", "MAX_INPUT_ITEMS"]
+        "INFINITY_QUEUE_SIZE", "MAX_INPUT_ITEMS", "PROMPTS"]
 
 
 @pytest.fixture
@@ -78,3 +78,28 @@ def test_the_onnx_backend_takes_float32_only(env):
         load_settings()
     env.setenv("DTYPES", "auto;fp32")
     assert [m.dtype for m in load_settings().models] == ["auto", "float32"]
+
+
+def test_prompts_per_model_keep_their_text_exactly(env):
+    env.setenv("MODEL_NAMES", "a/b;c/d")
+    env.setenv("PROMPTS", "query=query: |document=passage: ; query = Represent this: ")
+    a, b = load_settings().models
+    assert a.prompts == (("query", "query: "), ("document", "passage: "))
+    assert b.prompts == (("query", " Represent this: "),)
+    env.setenv("PROMPTS", "q=x")
+    assert [m.prompts for m in load_settings().models] == [(("q", "x"),)] * 2
+    env.setenv("PROMPTS", ";q=x")
+    assert [m.prompts for m in load_settings().models] == [(), (("q", "x"),)]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("query", "PROMPTS='query': 'query' is not name=text"),
+    ("=passage", "PROMPTS='=passage': '=passage' is not name=text"),
+    ("a=1;b=2;c=3", "PROMPTS='a=1;b=2;c=3': 3 entries, expected 1 or 2"),
+])
+def test_bad_prompts_are_one_line(env, value, message):
+    env.setenv("MODEL_NAMES", "a/b;c/d")
+    env.setenv("PROMPTS", value)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as err:
+        load_settings()
+    assert "\n" not in str(err.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import subprocess
 import sys
 import time
@@ -68,6 +69,21 @@ def test_openai_client_dimensions_and_extra_body(oai):
                                    extra_body={"modality": "text"})
     vector = np.array(result.data[0].embedding)
     assert vector.shape == (64,) and abs(np.linalg.norm(vector) - 1) < 1e-5
+
+
+def test_openai_client_gets_compact_vectors_through_extra_body(oai):
+    texts = ["compact vectors", "for a vector database"]
+    floats = np.array([d.embedding for d in oai.embeddings.create(
+        model=MINILM, input=texts, encoding_format="float").data], dtype=np.float32)
+    ints = oai.embeddings.create(model=MINILM, input=texts, encoding_format="float",
+                                 extra_body={"output_dtype": "int8"})
+    expected = np.clip(np.rint(floats * 127 * np.sqrt(384) / 4), -128, 127)
+    np.testing.assert_array_equal(np.array([d.embedding for d in ints.data]), expected)
+    # an explicit base64 is handed back as it came: the packed bits
+    bits = oai.embeddings.create(model=MINILM, input=texts, encoding_format="base64",
+                                 extra_body={"embedding_type": "ubinary"})
+    packed = np.stack([np.frombuffer(base64.b64decode(d.embedding), np.uint8) for d in bits.data])
+    np.testing.assert_array_equal(packed, np.packbits(floats > 0, axis=1))
 
 
 def test_openai_client_models_list(oai):

@@ -123,6 +123,17 @@ PAYLOADS = [
     ("/v1/embeddings", {"model": MINILM, "input": "x", "dimensions": 999}),
     ("/v1/rerank", {"model": MINILM, "query": "q", "docs": ["a"]}),
     ("/v1/embeddings", {"model": "tiny-clip", "input": ["data:image/png;base64,AAAA"], "modality": "image"}),
+    # retrieval options
+    ("/v1/embeddings", {"model": MINILM, "input": ["a", "b"], "output_dtype": "int8"}),
+    ("/v1/embeddings", {"model": MINILM, "input": "x", "embedding_type": "ubinary", "encoding_format": "base64"}),
+    ("/v1/embeddings", {"model": MINILM, "input": "x", "input_type": "search_query", "dimensions": 64}),
+    ("/v1/embeddings", {"model": MINILM, "input": "word " * 300, "truncate": "START"}),
+    ("/v1/embeddings", {"model": MINILM, "input": "word " * 300, "truncate": "NONE"}),
+    ("/v1/embeddings", {"model": MINILM, "input": "x", "prompt_name": "query"}),
+    ("/v1/embeddings", {"model": MINILM, "input": "x", "prompt_name": "nope"}),
+    ("/v1/embeddings", {"model": "tiny-embed", "input": "x", "task": "retrieval.query"}),
+    ("/v1/embeddings", {"model": MINILM, "input": "x", "output_dtype": "int4"}),
+    ("/v1/embeddings", {"model": MINILM, "input": "x", "dimensions": 60, "output_dtype": "binary"}),
 ]
 
 

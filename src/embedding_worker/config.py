@@ -52,10 +52,37 @@ class ModelSpec:
     batch_size: int
     dtype: str  # infinity Dtype name
     bundled: bool = False
+    prompts: tuple[tuple[str, str], ...] = ()  # PROMPTS: (name, text), over the model's own
 
 
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(";")] if value.strip() else []
+
+
+_PROMPT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def parse_prompts(raw: str, n: int) -> list[tuple[tuple[str, str], ...]]:
+    """PROMPTS: one entry per model (or one for all) separated by `;`, each `name=text` pairs
+    separated by `|`. A prompt's text is kept exactly, spaces included ("query: ")."""
+    if not raw.strip():
+        return [()] * n
+    entries = raw.split(";")
+    if len(entries) not in (1, n):
+        raise ConfigError(f"PROMPTS={raw!r}: {len(entries)} entries, expected 1 or {n} "
+                          f"(one per MODEL_NAMES entry, separated by ';')")
+    parsed = []
+    for entry in entries:
+        pairs: dict[str, str] = {}
+        for pair in entry.split("|") if entry.strip() else []:
+            name, equals, text = pair.partition("=")
+            name = name.strip()
+            if not equals or not _PROMPT_NAME.fullmatch(name) or not text:
+                raise ConfigError(f"PROMPTS={raw!r}: {pair!r} is not name=text; expected e.g. "
+                                  f"'query=query: |document=passage: '")
+            pairs[name] = text
+        parsed.append(tuple(pairs.items()))
+    return parsed * n if len(parsed) == 1 else parsed
 
 
 def bundled_model_path() -> str:
@@ -83,6 +110,7 @@ class Settings(BaseSettings):
     infinity_queue_size: int = Field(48000, ge=1)
     model_warmup: bool = False
     onnx_cache: str = ""  # where ONNX Runtime's exports are kept (see onnx_cache_dir)
+    prompts: str = ""  # per model: name=text pairs, see parse_prompts
     # --- request limits ---
     max_input_items: int = Field(2048, ge=1)
     max_rerank_documents: int = Field(2048, ge=1)
@@ -230,9 +258,10 @@ class Settings(BaseSettings):
                 f"expected auto or fp32"
             )
 
+        prompts = parse_prompts(self.prompts, n)
         return tuple(
-            ModelSpec(source=s, served_name=name, batch_size=b, dtype=d, bundled=bundled)
-            for s, name, b, d in zip(sources, served, batch_sizes, dtypes)
+            ModelSpec(source=s, served_name=name, batch_size=b, dtype=d, bundled=bundled, prompts=p)
+            for s, name, b, d, p in zip(sources, served, batch_sizes, dtypes, prompts)
         )
 
 

@@ -9,6 +9,7 @@ from pydantic import AfterValidator
 
 from ..core.core import Core
 from ..core.errors import APIError
+from ..core.options import choose_prompt
 
 
 def served_with(core: Core, capability: str) -> AfterValidator:
@@ -17,7 +18,9 @@ def served_with(core: Core, capability: str) -> AfterValidator:
 
     def check(item: Any) -> Any:
         try:
-            core.models.require(item.model, capability)
+            model = core.models.require(item.model, capability)
+            if getattr(item, "prompt_name", None) is not None:
+                choose_prompt(model, item.prompt_name, None, None)
         except APIError as exc:
             raise ValueError(exc.message) from None
         return item

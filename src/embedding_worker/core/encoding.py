@@ -1,4 +1,5 @@
-"""Output encoding: `dimensions` truncation, float/base64 embeddings, JSON bytes."""
+"""Output encoding: `dimensions` truncation, output types (float, int8, uint8, binary, ubinary),
+float/base64 embeddings, JSON bytes."""
 
 from __future__ import annotations
 
@@ -31,14 +32,45 @@ def truncate(matrix: np.ndarray, dimensions: int | None) -> np.ndarray:
     return (cut / np.where(norms == 0, 1, norms)).astype(cut.dtype, copy=False)
 
 
-def encode_rows(matrix: np.ndarray, encoding_format: str) -> list[Any]:
-    """One entry per row: the float32 array itself, or base64 of its little-endian bytes.
+OUTPUT_DTYPES = ("float", "int8", "uint8", "binary", "ubinary")
+# int8: a fixed scale for unit vectors, so that a text's bytes depend on nothing but the text
+# and the model (not on the batch, as per-batch ranges would). A unit vector's components have a
+# standard deviation near 1/sqrt(d); +-127 spans INT8_SIGMAS of them, and the rare component
+# beyond is clipped. Chosen with bench/quantization.py (docs/performance.md).
+INT8_SIGMAS = 4.0
 
-    Rows stay numpy arrays; `dumps` writes them straight to JSON without a Python float per value.
+
+def quantize(matrix: np.ndarray, output_dtype: str) -> np.ndarray:
+    """Unit-length float32 rows in the requested output type (rows re-normalised first by
+    `truncate` when `dimensions` cut them).
+
+    - int8: round(x * 127 * sqrt(d) / INT8_SIGMAS), clipped to -128..127; uint8: the same + 128.
+    - binary / ubinary: one bit per dimension (positive -> 1), packed 8 per byte, most significant
+      bit first; ubinary as unsigned bytes, binary as signed (byte - 128): the definitions of
+      sentence-transformers' `quantize_embeddings` and of Cohere. d must be a multiple of 8.
+    """
+    if output_dtype == "float":
+        return matrix
+    if output_dtype in ("binary", "ubinary"):
+        packed = np.packbits(matrix > 0, axis=1)
+        return packed if output_dtype == "ubinary" else (packed.astype(np.int16) - 128).astype(np.int8)
+    scale = 127 * np.sqrt(matrix.shape[1]) / INT8_SIGMAS
+    signed = np.clip(np.rint(matrix * scale), -128, 127)
+    if output_dtype == "int8":
+        return signed.astype(np.int8)
+    return (signed + 128).astype(np.uint8)
+
+
+def encode_rows(matrix: np.ndarray, encoding_format: str) -> list[Any]:
+    """One entry per row: the array itself (float32, or the integer type of a compact output),
+    or base64 of its bytes (little-endian float32, or the bytes as they are).
+
+    Rows stay numpy arrays; `dumps` writes them straight to JSON without a Python number per value.
     """
     if encoding_format == "base64":
-        little = matrix.astype("<f4", copy=False)
-        return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
+        if matrix.dtype == np.float32:
+            matrix = matrix.astype("<f4", copy=False)
+        return [base64.b64encode(row.tobytes()).decode("ascii") for row in matrix]
     return list(matrix)
 
 

@@ -79,10 +79,10 @@ class Pipeline:
                 )
 
     async def check_window(self, model: ModelBackend, field: str, texts: list[str],
-                           query: str | None = None) -> None:
-        """With TRUNCATE_INPUTS=false, refuse texts the model would have to truncate."""
+                           query: str | None = None, why: str = "TRUNCATE_INPUTS=false") -> None:
+        """Refuse texts the model would have to truncate (`why` names what asked for that)."""
         window = model.info.window
-        if self.settings.truncate_inputs or window is None:
+        if window is None:
             return
         counts = await asyncio.to_thread(model.count_tokens, texts, query)
         for i, count in enumerate(counts or []):
@@ -90,7 +90,7 @@ class Pipeline:
                 what = "query and document together are" if query is not None else "it is"
                 raise BadRequest(
                     f"{field}[{i}]: {what} {count} tokens, over the model's window of {window} "
-                    f"tokens (TRUNCATE_INPUTS=false refuses instead of truncating)",
+                    f"tokens ({why} refuses instead of truncating)",
                     param=field, code="context_length_exceeded",
                 )
 

@@ -35,7 +35,9 @@ class Rerank:
         self.pipeline.check_sizes("query", [request.query])
         self.pipeline.check_sizes("documents", request.documents)
         async with self.pipeline.admit("rerank", model, len(request.documents)) as served:
-            await self.pipeline.check_window(model, "documents", request.documents, request.query)
+            if not self.pipeline.settings.truncate_inputs:
+                await self.pipeline.check_window(model, "documents", request.documents,
+                                                 request.query)
             # usage as infinity counts it: query and document as one text
             call = self.pipeline.batched(model, self.batcher(model),
                                          [(request.query, d) for d in request.documents],

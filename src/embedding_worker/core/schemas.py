@@ -11,10 +11,20 @@ import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from ..engine.base import ModelInfo, QueueStats
+from .encoding import OUTPUT_DTYPES
+from .options import INPUT_TYPES, TASKS, TRUNCATIONS
 
 MODALITIES = ("text", "image", "audio")
 
@@ -79,11 +89,46 @@ class EmbeddingRequest(_Request):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+    # retrieval options (core/options.py): at most one of prompt_name, input_type, task
+    prompt_name: str | None = Field(None, min_length=1, description=(
+        "a prompt of the model (see /v1/models) put before each text"))
+    input_type: Annotated[str | None, WithJsonSchema(
+        {"type": "string", "enum": list(INPUT_TYPES)})] = Field(None, description=(
+            "Cohere's and Voyage's input type: picks the model's prompt for it, if it has one"))
+    task: Annotated[str | None, WithJsonSchema({"type": "string", "enum": list(TASKS)})] = Field(
+        None, description="Jina's task: picks the model's prompt for it, if it has one")
+    output_dtype: Annotated[str, WithJsonSchema(
+        {"type": "string", "enum": list(OUTPUT_DTYPES), "default": "float"})] = Field(
+        "float", validation_alias=AliasChoices("output_dtype", "embedding_type"), description=(
+            "float, or int8/uint8/binary/ubinary vectors (alias embedding_type)"))
+    truncate: Annotated[str | None, WithJsonSchema({"type": "string", "enum": list(TRUNCATIONS)})] = Field(
+        None, description=("END keeps the start of a text that is too long, START its end; "
+                           "NONE refuses it (400). Default: TRUNCATE_INPUTS"))
 
     @field_validator("input", mode="before")
     @classmethod
     def _input(cls, value: Any) -> list[str]:
         return check_texts(value, "input")
+
+    @field_validator("input_type", "task", "output_dtype", "truncate", mode="before")
+    @classmethod
+    def _choice(cls, value: Any, info: Any) -> Any:
+        if value is None:
+            return None
+        field = info.field_name
+        accepted = {"input_type": INPUT_TYPES, "task": TASKS, "truncate": TRUNCATIONS,
+                    "output_dtype": (*OUTPUT_DTYPES, "base64")}[field]
+        key = value.upper() if field == "truncate" and isinstance(value, str) else value
+        if not isinstance(key, str) or key not in accepted:
+            shown = [v for v in accepted if v != "base64"]
+            raise _invalid(f"{field}: {value!r} is not supported; expected one of {', '.join(shown)}")
+        return key
+
+    @model_validator(mode="after")
+    def _jina_base64(self) -> EmbeddingRequest:
+        if self.output_dtype == "base64":  # Jina's embedding_type: float vectors as base64
+            self.output_dtype, self.encoding_format = "float", "base64"
+        return self
 
     @field_validator("modality", mode="before")
     @classmethod
@@ -130,6 +175,7 @@ class EmbedItem(BaseModel):
 
     model: str = Field(min_length=1)
     text: str = Field(min_length=1)
+    prompt_name: str | None = Field(None, min_length=1)  # else the model's default prompt
 
 
 class RerankItem(BaseModel):
@@ -161,7 +207,7 @@ def usage(tokens: int) -> dict[str, int]:
 
 class EmbeddingData(_Response):
     object: Literal["embedding"] = "embedding"
-    embedding: list[float] | str
+    embedding: list[float] | list[int] | str  # ints for int8/uint8/binary/ubinary
     index: int
 
 
@@ -170,15 +216,23 @@ class EmbeddingResponse(_Response):
     model: str
     data: list[EmbeddingData]
     usage: Usage
+    prompt_name: str | None = Field(None, description="the model's prompt applied, when one was")
+    warnings: list[str] | None = Field(None, description="e.g. an input_type with no prompt")
 
 
-def embedding_response(model: str, rows: list[Any], tokens: int) -> dict[str, Any]:
-    return {
+def embedding_response(model: str, rows: list[Any], tokens: int, prompt_name: str | None = None,
+                       note: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
         "object": "list",
         "model": model,
         "data": [{"object": "embedding", "embedding": row, "index": i} for i, row in enumerate(rows)],
         "usage": usage(tokens),
     }
+    if prompt_name is not None:
+        body["prompt_name"] = prompt_name
+    if note is not None:
+        body["warnings"] = [note]
+    return body
 
 
 class RerankDocument(_Response):
@@ -228,6 +282,10 @@ class ModelCard(_Response):
     dtype: str
     device: str
     batch_size: int
+    window: int | None = Field(description="tokens per input, special tokens included")
+    dimensions: int | None
+    prompts: dict[str, str]
+    default_prompt_name: str | None
     stats: ModelStats
 
 
@@ -242,6 +300,10 @@ def model_card(info: ModelInfo, queue: QueueStats, created: int) -> dict[str, An
         "dtype": info.dtype,
         "device": info.device,
         "batch_size": info.batch_size,
+        "window": info.window,
+        "dimensions": info.dimensions,
+        "prompts": dict(info.prompts),
+        "default_prompt_name": info.default_prompt_name,
         "stats": {"queue_fraction": queue.queue_fraction, "queue_absolute": queue.queue_absolute,
                   "results_pending": queue.results_pending},
     }

@@ -44,6 +44,21 @@ class ModelInfo:
     batch_size: int  # inputs per engine call
     capabilities: frozenset[str]
     window: int | None  # tokens per input, special tokens included; None: no text tokenizer
+    dimensions: int | None = None  # of an embedding; None for a model that does not embed
+    # from the model's config_sentence_transformers.json
+    prompts: tuple[tuple[str, str], ...] = ()
+    default_prompt_name: str | None = None
+    special_tokens: int = 0  # tokens the tokenizer adds to one text ([CLS], [SEP])
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One text's tokens without special tokens: ids, character spans, and the word each token
+    belongs to (None for none), as the model's fast tokenizer gives them."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    words: list[int | None]
 
 
 @dataclass(frozen=True)
@@ -134,6 +149,11 @@ class ModelBackend(ABC):
     def count_tokens(self, texts: list[str], pairs_with: str | None = None) -> list[int] | None:
         """Tokens per text (or per `(pairs_with, text)` pair) before truncation, special tokens
         included; None when the model has no text tokenizer. Blocking, thread-safe."""
+
+    @abstractmethod
+    def tokenize(self, texts: list[str]) -> list[Tokens] | None:
+        """Each text's tokens (no special tokens, no truncation); None without a fast text
+        tokenizer. Blocking, thread-safe."""
 
     @abstractmethod
     def queue(self) -> QueueStats:

@@ -15,8 +15,8 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from ..config import ModelSpec, Settings, onnx_cache_dir, prepare_infinity_environment, prepare_model_cache
-from . import compat, onnx_export
-from .base import Engine, Heartbeat, ModelBackend, ModelInfo, QueueStats, Rows, one_line
+from . import compat, model_config, onnx_export
+from .base import Engine, Heartbeat, ModelBackend, ModelInfo, QueueStats, Rows, Tokens, one_line
 from .fault_guard import FaultGuard
 
 if TYPE_CHECKING:  # infinity is imported lazily: it reads its environment at import time
@@ -52,14 +52,18 @@ class InfinityModel(ModelBackend):
     def usage(self, texts: list[str]) -> int:
         return int(sum(self._adapted.usage(texts)))
 
-    def count_tokens(self, texts: list[str], pairs_with: str | None = None) -> list[int] | None:
-        # Its own tokenizer copy under a lock: fast tokenizers are not re-entrant, and the
-        # model's own copy is busy in infinity's pre-processing thread.
-        if self._counter is None:
-            if self._adapted.tokenizer is None:
-                return None
+    def _tokenizer(self) -> tuple[threading.Lock, Any] | None:
+        """Our own tokenizer copy, used under its lock: fast tokenizers are not re-entrant, and
+        the model's own copy is busy in infinity's pre-processing thread."""
+        if self._counter is None and self._adapted.tokenizer is not None:
             self._counter = (threading.Lock(), copy.deepcopy(self._adapted.tokenizer))
-        lock, tokenizer = self._counter
+        return self._counter
+
+    def count_tokens(self, texts: list[str], pairs_with: str | None = None) -> list[int] | None:
+        counter = self._tokenizer()
+        if counter is None:
+            return None
+        lock, tokenizer = counter
         with lock:
             if pairs_with is None:
                 encoded = tokenizer(texts, add_special_tokens=True, truncation=False)
@@ -67,6 +71,18 @@ class InfinityModel(ModelBackend):
                 encoded = tokenizer([pairs_with] * len(texts), texts, add_special_tokens=True,
                                     truncation=False)
         return [len(ids) for ids in encoded["input_ids"]]
+
+    def tokenize(self, texts: list[str]) -> list[Tokens] | None:
+        counter = self._tokenizer()
+        if counter is None or not getattr(counter[1], "is_fast", False):
+            return None
+        lock, tokenizer = counter
+        with lock:
+            encoded = tokenizer(texts, add_special_tokens=False, truncation=False,
+                                return_offsets_mapping=True)
+            words = [encoded.word_ids(i) for i in range(len(texts))]
+        return [Tokens(ids, [tuple(span) for span in spans], w) for ids, spans, w
+                in zip(encoded["input_ids"], encoded["offset_mapping"], words)]
 
     def queue(self) -> QueueStats:
         status = self._engine.overload_status()
@@ -194,7 +210,7 @@ class InfinityEngine(Engine):
             await asyncio.to_thread(self.load)
             assert self._array is not None
             await self._array.astart()
-            models = {name: self._adapt(name, self._array[name]) for name in self.specs}
+            models = {name: await self._adapt(name, self._array[name]) for name in self.specs}
         except compat.IncompatibleInfinity as exc:
             compat.stop_process(exc)  # not a model's fault: nothing may be served
         except Exception as exc:
@@ -206,15 +222,24 @@ class InfinityEngine(Engine):
         self.models = models
         self.state = "ready"
 
-    def _adapt(self, name: str, engine: AsyncEmbeddingEngine) -> InfinityModel:
+    async def _adapt(self, name: str, engine: AsyncEmbeddingEngine) -> InfinityModel:
         guard = FaultGuard(name, Heartbeat(self.settings.engine_stall_timeout))
         adapted = compat.adapt(engine, onnx=self._onnx.get(name), cpu=self.device == "cpu",
                                guard=guard)
-        args = engine.engine_args
+        args, spec = engine.engine_args, self.specs[name]
+        dimensions = None
+        if "embed" in engine.capabilities:  # one short text: the size /v1/models shows
+            vectors, _ = await engine.embed(sentences=["dimensions"])
+            dimensions = len(vectors[0])
+        prompts, default = model_config.served_prompts(spec.source, spec.prompts)
+        tokenizer = adapted.tokenizer
         info = ModelInfo(
-            name=name, source=self.specs[name].source, backend=args.engine.value,
+            name=name, source=spec.source, backend=args.engine.value,
             dtype=args.dtype.value, device=self.device, batch_size=args.batch_size,
             capabilities=frozenset(engine.capabilities), window=adapted.window,
+            dimensions=dimensions, prompts=prompts, default_prompt_name=default,
+            special_tokens=tokenizer.num_special_tokens_to_add(pair=False)
+            if hasattr(tokenizer, "num_special_tokens_to_add") else 0,
         )
         onnx = self._onnx.get(name)
         logger.info(

@@ -1,0 +1,50 @@
+"""What a model's own files say beyond its weights: sentence-transformers' prompts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger("embedding_worker")
+
+PROMPTS_FILE = "config_sentence_transformers.json"
+
+
+def _find(source: str, filename: str) -> Path | None:
+    """`filename` of a local model directory, or of a hub model already in the local cache (the
+    engine has loaded it by now); None when the model has no such file."""
+    local = Path(os.path.expanduser(source))
+    if local.is_dir():
+        path = local / filename
+        return path if path.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id=source, filename=filename)
+    return Path(found) if isinstance(found, str) else None
+
+
+def st_prompts(source: str) -> tuple[dict[str, str], str | None]:
+    """The model's `prompts` and `default_prompt_name` (sentence-transformers' own config)."""
+    path = _find(source, PROMPTS_FILE)
+    if path is None:
+        return {}, None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        logger.warning("%s of %s is unreadable, no prompts taken from it: %s", PROMPTS_FILE,
+                       source, exc)
+        return {}, None
+    prompts = config.get("prompts") or {}
+    prompts = {str(k): v for k, v in prompts.items() if isinstance(v, str)}
+    default = config.get("default_prompt_name")
+    return prompts, default if isinstance(default, str) and default in prompts else None
+
+
+def served_prompts(source: str, overrides: tuple[tuple[str, str], ...]
+                   ) -> tuple[tuple[tuple[str, str], ...], str | None]:
+    """The model's prompts with PROMPTS' over them, and its default prompt name."""
+    prompts, default = st_prompts(source)
+    prompts.update(overrides)
+    return tuple(prompts.items()), default
