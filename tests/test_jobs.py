@@ -39,6 +39,9 @@ class RaisingModel(ModelBackend):
     def count_tokens(self, texts: list[str], pairs_with: str | None = None) -> None:
         return None
 
+    def tokenize(self, texts: list[str]) -> None:
+        return None
+
     def queue(self) -> QueueStats:
         return QueueStats(0.0, 0, 0)
 

@@ -98,7 +98,8 @@ modalities = st.none() | st.sampled_from(MODALITIES).flatmap(
     lambda m: st.sampled_from([m, m.upper(), m.capitalize()])
 )
 
-EMBED_FIELDS = {"model", "input", "modality", "encoding_format", "dimensions", "user"}
+EMBED_FIELDS = {"model", "input", "modality", "encoding_format", "dimensions", "user", "prompt_name",
+                "input_type", "task", "output_dtype", "embedding_type", "truncate"}
 RERANK_FIELDS = {"model", "query", "documents", "docs", "top_n", "return_documents", "return_docs", "raw_scores"}
 CANONICAL = {"docs": "documents", "return_docs": "return_documents"}
 extras = st.dictionaries(
@@ -119,6 +120,15 @@ def embedding_bodies(draw):
         body["modality"] = draw(modalities)
     if draw(st.booleans()):
         body["user"] = draw(st.none() | st.text(max_size=10))
+    if draw(st.booleans()):
+        body[draw(st.sampled_from(["prompt_name", "input_type", "task"]))] = None
+    if draw(st.booleans()):
+        body["input_type"] = draw(st.sampled_from(["search_query", "search_document", "query"]))
+    if draw(st.booleans()):
+        body[draw(st.sampled_from(["output_dtype", "embedding_type"]))] = draw(
+            st.sampled_from(["float", "int8", "uint8", "binary", "ubinary"]))
+    if draw(st.booleans()):
+        body["truncate"] = draw(st.sampled_from(["END", "start", "None", None]))
     return body
 
 
@@ -291,6 +301,10 @@ def test_valid_embedding_bodies_parse_and_round_trip(body):
     assert request.dimensions == body.get("dimensions")
     assert request.modality == (body.get("modality") or "text").lower()
     assert request.user == body.get("user")
+    assert request.input_type == body.get("input_type")
+    assert request.output_dtype == body.get("output_dtype", body.get("embedding_type", "float"))
+    truncate = body.get("truncate")
+    assert request.truncate == (truncate.upper() if truncate else None)
     assert not set(request.model_dump()) - EMBED_FIELDS  # unknown fields are dropped
     assert EmbeddingRequest.model_validate(request.model_dump()) == request
     assert EmbeddingRequest.model_validate_json(request.model_dump_json()) == request

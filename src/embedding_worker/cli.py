@@ -29,8 +29,9 @@ def serve_command(settings: Settings, extra: list[str]) -> list[str]:
             "--host", settings.host, "--port", str(settings.port), *extra]
 
 
-def download(settings: Settings, cache_dir: str | None) -> None:
-    """Fetch MODEL_NAMES from the hub into `cache_dir` (the image build's model baking)."""
+def download(settings: Settings, cache_dir: str | None, onnx_dir: str | None) -> None:
+    """Fetch MODEL_NAMES from the hub into `cache_dir` (the image build's model baking), then,
+    with `onnx_dir`, make the ONNX exports a CPU start would otherwise make."""
     from huggingface_hub import snapshot_download
 
     for spec in settings.models:
@@ -39,6 +40,14 @@ def download(settings: Settings, cache_dir: str | None) -> None:
             continue
         path = snapshot_download(repo_id=spec.source, cache_dir=cache_dir)
         print(f"{spec.served_name}: downloaded to {path}")
+    if onnx_dir is not None:
+        from .engine import export_onnx
+
+        exports = export_onnx(settings, onnx_dir)
+        for spec in settings.models:
+            where = exports.get(spec.served_name)
+            print(f"{spec.served_name}: ONNX export in {where}" if where else
+                  f"{spec.served_name}: not served by ONNX Runtime (see the log), nothing exported")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,12 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("mode", nargs="?", default="auto",
                         choices=["auto", "serve", "runpod", "download"])
     parser.add_argument("--to", help="download: the hub cache directory to fill")
+    parser.add_argument("--onnx", metavar="DIR",
+                        help="download: also make the ONNX exports (ONNX Runtime on a CPU) in DIR")
     args, extra = parser.parse_known_args(argv)
     settings = load_settings_or_exit()
     configure_logging(settings)
     mode = args.mode
     if mode == "download":
-        download(settings, args.to)
+        download(settings, args.to, args.onnx)
         return
     if mode == "auto":
         mode = "runpod" if settings.on_runpod else "serve"

@@ -149,6 +149,7 @@ class Settings(BaseSettings):
     runpod_max_concurrency: int = Field(300, ge=1)
     runpod_volume_path: str = "/runpod-volume"
     baked_model_cache: str = "/home/bentoml/hf-cache"  # where the image build bakes models
+    baked_onnx_cache: str = "/home/bentoml/onnx-cache"  # the image build's ONNX exports
     # set by RunPod inside its workers; `embedding-worker auto` picks the RunPod handler on them
     runpod_pod_id: str = ""
     runpod_endpoint_id: str = ""
@@ -325,6 +326,16 @@ def onnx_cache_dir(settings: Settings) -> str:
         return os.path.join(settings.runpod_volume_path, "infinity-embedding-worker", "onnx")
     root = settings.xdg_cache_home or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "infinity-embedding-worker", "onnx")
+
+
+def onnx_cache_dirs(settings: Settings) -> list[str]:
+    """Where an ONNX export is looked for, in order: `onnx_cache_dir` (where new exports go),
+    then the exports the image build made, when there are any (read only)."""
+    dirs = [onnx_cache_dir(settings)]
+    baked = settings.baked_onnx_cache
+    if baked and baked not in dirs and os.path.isdir(baked) and os.listdir(baked):
+        dirs.append(baked)
+    return dirs
 
 
 def prepare_model_cache(settings: Settings) -> None:

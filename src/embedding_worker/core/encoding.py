@@ -68,7 +68,7 @@ def encode_rows(matrix: np.ndarray, encoding_format: str) -> list[Any]:
     Rows stay numpy arrays; `dumps` writes them straight to JSON without a Python number per value.
     """
     if encoding_format == "base64":
-        if matrix.dtype == np.float32:
+        if np.issubdtype(matrix.dtype, np.floating):
             matrix = matrix.astype("<f4", copy=False)
         return [base64.b64encode(row.tobytes()).decode("ascii") for row in matrix]
     return list(matrix)

@@ -15,3 +15,11 @@ def create_engine(settings: Settings) -> Engine:
     from .infinity import InfinityEngine
 
     return InfinityEngine(settings)
+
+
+def export_onnx(settings: Settings, cache_dir: str) -> dict[str, str]:
+    """Make, ahead of time, the ONNX exports the engine would otherwise make at its first start
+    on a CPU; served name -> export directory."""
+    from .infinity import InfinityEngine
+
+    return InfinityEngine(settings).export_onnx(cache_dir)

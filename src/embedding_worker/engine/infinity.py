@@ -14,7 +14,13 @@ import threading
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from ..config import ModelSpec, Settings, onnx_cache_dir, prepare_infinity_environment, prepare_model_cache
+from ..config import (
+    ModelSpec,
+    Settings,
+    onnx_cache_dirs,
+    prepare_infinity_environment,
+    prepare_model_cache,
+)
 from . import compat, model_config, onnx_export
 from .base import Engine, Heartbeat, ModelBackend, ModelInfo, QueueStats, Rows, Tokens, one_line
 from .fault_guard import FaultGuard
@@ -136,13 +142,13 @@ class InfinityEngine(Engine):
         """What serves a model ONNX Runtime does not (with BACKEND=optimum, none)."""
         return "torch" if self.settings.backend == "auto" else self.settings.backend
 
-    def _prepare_onnx(self) -> dict[str, onnx_export.OnnxModel]:
+    def _prepare_onnx(self, device: str, caches: list[str]) -> dict[str, onnx_export.OnnxModel]:
         """The models ONNX Runtime serves, exported if need be. BACKEND=optimum: all of them, or
         a load failure with the reason. BACKEND=auto: on a CPU, each text model in float32 that
         exports; any other (a GPU, an image model, an export that fails) is served by torch."""
         backend, models = self.settings.backend, self.settings.models
         if backend == "auto":
-            if self.device != "cpu" or not onnx_export.onnxruntime_installed():
+            if device != "cpu" or not onnx_export.onnxruntime_installed():
                 return {}
             models = tuple(spec for spec in models if spec.dtype in ("auto", "float32"))
         elif backend != "optimum":
@@ -151,17 +157,26 @@ class InfinityEngine(Engine):
             return {}
         onnx_export.require_onnxruntime()
         compat.bare_onnx_file_names()
-        cache = onnx_cache_dir(self.settings)
+        cache, *found_in = caches
         prepared = {}
         for spec in models:
             try:
-                prepared[spec.served_name] = onnx_export.prepare(spec.source, cache)
+                prepared[spec.served_name] = onnx_export.prepare(spec.source, cache, tuple(found_in))
             except Exception as exc:
                 if backend == "optimum":
                     raise
                 logger.info("model %s: served by torch, not ONNX Runtime: %s", spec.served_name,
                             one_line(exc))
         return prepared
+
+    def export_onnx(self, cache_dir: str) -> dict[str, str]:
+        """The ONNX exports this configuration would serve on a CPU, made now into `cache_dir`
+        (ahead of time: `embedding-worker download --onnx`, the image build); served name ->
+        directory."""
+        prepare_infinity_environment(self.settings)
+        prepare_model_cache(self.settings)
+        plans = self._prepare_onnx("cpu", [cache_dir])
+        return {name: plan.directory for name, plan in plans.items()}
 
     def load(self) -> None:
         if self._array is not None:
@@ -179,7 +194,7 @@ class InfinityEngine(Engine):
         prepare_infinity_environment(self.settings)
         prepare_model_cache(self.settings)
         compat.check_modules(onnx=self.settings.backend in ("auto", "optimum"))
-        self._onnx = self._prepare_onnx()
+        self._onnx = self._prepare_onnx(self.device, onnx_cache_dirs(self.settings))
         from infinity_emb import AsyncEngineArray, EngineArgs
 
         def build() -> AsyncEngineArray:

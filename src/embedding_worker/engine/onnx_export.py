@@ -60,9 +60,10 @@ def require_onnxruntime() -> None:
                           f"{INSTALL_HINT}") from None
 
 
-def prepare(source: str, cache_root: str) -> OnnxModel:
+def prepare(source: str, cache_root: str, found_in: tuple[str, ...] = ()) -> OnnxModel:
     """Resolve `source` to a local directory, read its pooling and window, and export it to ONNX
-    under `cache_root` unless it ships a `.onnx` file. Blocking (the export takes seconds)."""
+    under `cache_root` unless it ships a `.onnx` file or an export of it is in `cache_root` or
+    one of `found_in` (read only: the image's). Blocking (the export takes seconds)."""
     model_dir = _local_dir(source)
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("vision_config") or config.get("audio_config"):
@@ -77,7 +78,8 @@ def prepare(source: str, cache_root: str) -> OnnxModel:
         directory = model_dir
     else:
         task = "text-classification" if cross_encoder else "feature-extraction"
-        directory = _export(model_dir, Path(cache_root), task, config.get("model_type", ""))
+        directory = _export(model_dir, Path(cache_root), task, config.get("model_type", ""),
+                            [Path(root) for root in found_in])
     return OnnxModel(str(directory), pooling, _st_window(model_dir))
 
 
@@ -137,7 +139,8 @@ def _fuse(onnx_file: Path, model_type: str) -> None:
     optimize_model(str(onnx_file), model_type=model_type, opt_level=0).save_model_to_file(str(onnx_file))
 
 
-def _export(model_dir: Path, cache_root: Path, task: str, model_type: str) -> Path:
+def _export(model_dir: Path, cache_root: Path, task: str, model_type: str,
+            found_in: list[Path]) -> Path:
     """Export once per model version: the cache key covers every file's name, size and mtime, the
     task, the exporter's and ONNX Runtime's versions and our export steps. Written beside the target and renamed into place, so
     concurrent workers never load a half-written export."""
@@ -148,10 +151,12 @@ def _export(model_dir: Path, cache_root: Path, task: str, model_type: str) -> Pa
     for file in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         stat = file.stat()
         digest.update(f"{file.relative_to(model_dir)} {stat.st_size} {stat.st_mtime_ns}\n".encode())
-    target = cache_root / f"{model_dir.name}-{digest.hexdigest()[:16]}"
-    if _onnx_files(target):
-        logger.info("ONNX export of %s found in %s", model_dir, target)
-        return target
+    name = f"{model_dir.name}-{digest.hexdigest()[:16]}"
+    for root in (cache_root, *found_in):
+        if _onnx_files(root / name):
+            logger.info("ONNX export of %s found in %s", model_dir, root / name)
+            return root / name
+    target = cache_root / name
     cache_root.mkdir(parents=True, exist_ok=True)
     logger.info("exporting %s to ONNX (once; cached in %s)", model_dir, target)
     from optimum.exporters.onnx import main_export
