@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import httpx
@@ -83,6 +84,20 @@ def test_an_export_is_made_once_and_found_again(tiny_models, tmp_path):
     assert again == first and exported.stat().st_mtime_ns == stamp
     assert first.pooling == "mean" and first.window == 128
     assert [p.name for p in tmp_path.iterdir()] == [exported.parent.name]  # no staging left
+
+
+def test_an_image_layer_that_keeps_whole_seconds_still_finds_the_export(tiny_models, tmp_path):
+    """An export made at image build time is keyed on the model's files; tar layers keep their
+    mtimes to the second only, so the key must not see finer (found by a real build)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["embed"], model)
+    first = onnx_export.prepare(str(model), str(tmp_path / "cache"))
+    for file in model.rglob("*"):
+        seconds = int(file.stat().st_mtime)
+        os.utime(file, ns=(seconds * 10**9, seconds * 10**9))  # as the image has them
+    assert onnx_export.prepare(str(model), str(tmp_path / "cache")) == first
+    (model / "config.json").write_text((model / "config.json").read_text() + " ")  # a real change
+    assert onnx_export.prepare(str(model), str(tmp_path / "cache")) != first
 
 
 async def test_a_model_that_ships_its_onnx_file_is_used_as_it_is(tiny_models, tmp_path):

@@ -150,7 +150,9 @@ def _export(model_dir: Path, cache_root: Path, task: str, model_type: str,
                             f"onnxruntime {version('onnxruntime')} {EXPORT_FORMAT}".encode())
     for file in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         stat = file.stat()
-        digest.update(f"{file.relative_to(model_dir)} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+        # whole seconds: image layers (tar) keep no finer mtime, and an export made at build time
+        # must be found again in the container
+        digest.update(f"{file.relative_to(model_dir)} {stat.st_size} {int(stat.st_mtime)}\n".encode())
     name = f"{model_dir.name}-{digest.hexdigest()[:16]}"
     for root in (cache_root, *found_in):
         if _onnx_files(root / name):
