@@ -12,8 +12,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "embedding_worker"
 ENGINE_LIBRARIES = {"infinity_emb", "torch", "onnxruntime", "optimum", "transformers",
                     "sentence_transformers"}
 TRANSPORT_LIBRARIES = {"fastapi", "starlette", "bentoml", "_bentoml_impl", "runpod", "uvicorn"}
-# what each layer may not import of the package's own layers (data flows api -> core -> engine)
+# what each layer may not import of the package's own layers (data flows api -> core -> engine;
+# the transports reach the engine only through the core)
 FORBIDDEN_LAYERS = {
+    "api": {"engine"},
     "core": {"api"},
     "engine": {"api", "core"},
     "observability": {"api", "core", "engine"},

@@ -10,8 +10,7 @@ from typing import Any
 from ..config import Settings
 from ..core.core import Core
 from ..core.encoding import jsonable
-from ..engine.base import one_line
-from ..observability.logs import request_log
+from ..observability.logs import one_line, request_log
 from .jobs import run_job
 
 logger = logging.getLogger("embedding_worker")

@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+from ..observability.logs import one_line
+
 # What a model can do; the core checks a request's needs against `ModelInfo.capabilities`.
 CAPABILITIES = ("embed", "image_embed", "audio_embed", "rerank", "classify")
 
@@ -24,7 +26,7 @@ class Fault(float):
 
     def __new__(cls, error: BaseException) -> Fault:
         fault = super().__new__(cls, math.nan)
-        fault.error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        fault.error = one_line(error)[:300]
         return fault
 
 
@@ -183,7 +185,3 @@ class Engine(ABC):
 
     @abstractmethod
     async def stop(self) -> None: ...
-
-
-def one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0]

@@ -46,6 +46,9 @@ class IncompatibleInfinity(RuntimeError):
     """infinity-emb lacks, or changed, something a workaround touches."""
 
 
+EXIT_INCOMPATIBLE = 3
+
+
 def stop_process(exc: IncompatibleInfinity) -> NoReturn:
     """One line, then the process ends: no request may be served on an infinity that the
     workarounds do not fit. (Under `bentoml serve` the arbiter starts the worker again, which
@@ -53,9 +56,6 @@ def stop_process(exc: IncompatibleInfinity) -> NoReturn:
     logger.critical("stopping: %s", exc)
     logging.shutdown()
     os._exit(EXIT_INCOMPATIBLE)
-
-
-EXIT_INCOMPATIBLE = 3
 
 
 _MISSING = object()

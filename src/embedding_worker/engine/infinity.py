@@ -22,7 +22,8 @@ from ..config import (
     prepare_model_cache,
 )
 from . import compat, model_config, onnx_export
-from .base import Engine, Heartbeat, ModelBackend, ModelInfo, QueueStats, Rows, Tokens, one_line
+from ..observability.logs import one_line
+from .base import Engine, Heartbeat, ModelBackend, ModelInfo, QueueStats, Rows, Tokens, is_fault
 from .fault_guard import FaultGuard
 
 if TYPE_CHECKING:  # infinity is imported lazily: it reads its environment at import time
@@ -245,7 +246,8 @@ class InfinityEngine(Engine):
         dimensions = None
         if "embed" in engine.capabilities:  # one short text: the size /v1/models shows
             vectors, _ = await engine.embed(sentences=["dimensions"])
-            dimensions = len(vectors[0])
+            if not is_fault(vectors[0]):  # a model that fails on it is served all the same
+                dimensions = len(vectors[0])
         prompts, default = model_config.served_prompts(spec.source, spec.prompts)
         tokenizer = adapted.tokenizer
         info = ModelInfo(

@@ -65,6 +65,11 @@ def request_log(method: str, route: str, enabled: bool = True) -> Iterator[Reque
             log_request(record)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one log line: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def annotate(**facts: Any) -> None:
     """Add facts (model, items, tokens) to the current request's line, if there is one."""
     record = _record.get()
