@@ -31,7 +31,7 @@ class RaisingModel(ModelBackend):
     async def embed(self, texts: list[str]) -> Any:
         raise RuntimeError("not an API error")
 
-    embed_images = score = embed
+    embed_images = score = classify = embed
 
     def usage(self, texts: list[str]) -> int:
         return 0
@@ -39,7 +39,10 @@ class RaisingModel(ModelBackend):
     def count_tokens(self, texts: list[str], pairs_with: str | None = None) -> None:
         return None
 
-    def tokenize(self, texts: list[str]) -> None:
+    def tokenize(self, texts: list[str], add_special_tokens: bool = False) -> None:
+        return None
+
+    def decode(self, ids: list[list[int]], skip_special_tokens: bool = True) -> None:
         return None
 
     def queue(self) -> QueueStats:

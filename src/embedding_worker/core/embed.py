@@ -1,8 +1,15 @@
-"""The embed family: `POST /v1/embeddings` (texts and images) and the batchable `/batch/embed`."""
+"""The embed family: texts and images to vectors for every dialect (OpenAI and Jina on
+`/v1/embeddings`, Cohere's `/v1|v2/embed`, TEI's `/embed`) and the batchable `/batch/embed`.
+
+A dialect turns its body into an `EmbedJob` and formats the `Embedded` it gets back; `compute`
+does the rest once: limits, the model's capabilities, prompt, truncation, batching, faults,
+normalisation and `dimensions`. Output types and encodings are the dialect's (`encoding`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,13 +18,39 @@ from ..engine.base import ModelBackend
 from ..observability import metrics
 from . import schemas
 from .batching import PerModel
-from .encoding import as_matrix, encode_rows, quantize, truncate
+from .encoding import as_matrix, encode_rows, quantize, vectors
 from .errors import BadRequest, NotImplementedModality, too_many
 from .images import ImageFetcher
 from .models import Models
-from .options import Prompt, choose_prompt, keep_ends
+from .options import Prompt, choose_prompt, cut_to
 from .pipeline import Pipeline, parse, per_model
-from .schemas import EmbeddingRequest, EmbedItem
+from .schemas import EmbeddingRequest, EmbedItem, Image
+
+
+@dataclass
+class EmbedJob:
+    """One request's embedding work, whatever its dialect. `inputs`: texts, and `Image`s for a
+    model that embeds images (one vector each, in one space, order kept)."""
+
+    model: str
+    inputs: Sequence[str | Image]
+    field: str = "input"  # what error messages call the inputs
+    prompt_name: str | None = None
+    input_type: str | None = None
+    task: str | None = None
+    truncate: str | None = None  # END, START, NONE; None: TRUNCATE_INPUTS decides
+    max_tokens: int | None = None  # a token limit below the model's window (special included)
+    dimensions: int | None = None
+    normalize: bool = True  # False: the model's own vectors, where the engine can give them
+    output_dtypes: Sequence[str] = ("float",)  # what the dialect will make of the vectors
+
+
+@dataclass
+class Embedded:
+    matrix: np.ndarray  # float32, one row per input
+    tokens: int  # text tokens the model saw
+    prompt: Prompt
+    images: int  # how many inputs were images
 
 
 class Embeddings:
@@ -28,48 +61,79 @@ class Embeddings:
         self.batcher = PerModel(lambda model: model.embed, len)
 
     async def create(self, body: Any) -> dict[str, Any]:
-        pipeline = self.pipeline
-        settings = pipeline.settings
+        """`POST /v1/embeddings`: OpenAI's body, with Jina's and Cohere's fields beside it."""
         request = parse(EmbeddingRequest, body)
-        if len(request.input) > settings.max_input_items:
-            raise too_many("input", len(request.input), settings.max_input_items, "MAX_INPUT_ITEMS")
         if request.modality == "audio":
             raise NotImplementedModality(
                 "modality 'audio' is not supported yet; use 'text' or 'image'", param="modality"
             )
-        image = request.modality == "image"
-        model = self.models.require(request.model, "image_embed" if image else "embed")
-        check_output(model, request.dimensions, request.output_dtype)
-        prompt = Prompt() if image else choose_prompt(model, request.prompt_name,
-                                                      request.input_type, request.task)
-        if not image:
-            pipeline.check_sizes("input", request.input)
-        truncation = request.truncate or ("END" if settings.truncate_inputs else "NONE")
-        async with pipeline.admit("embed", model, len(request.input)) as served:
-            if image:
+        done = await self.compute(EmbedJob(
+            model=request.model, inputs=request.input, prompt_name=request.prompt_name,
+            input_type=request.input_type, task=request.task, truncate=request.truncate,
+            dimensions=request.dimensions, normalize=request.normalized,
+            output_dtypes=(request.output_dtype,)))
+        rows = encode_rows(quantize(done.matrix, request.output_dtype), request.encoding_format)
+        return schemas.embedding_response(request.model, rows, done.tokens, done.prompt.name,
+                                          done.prompt.note)
+
+    async def compute(self, job: EmbedJob) -> Embedded:
+        pipeline, settings, field = self.pipeline, self.pipeline.settings, job.field
+        if len(job.inputs) > settings.max_input_items:
+            raise too_many(field, len(job.inputs), settings.max_input_items, "MAX_INPUT_ITEMS")
+        text_at = [i for i, item in enumerate(job.inputs) if isinstance(item, str)]
+        image_at = [i for i, item in enumerate(job.inputs) if isinstance(item, Image)]
+        model = self.models.require(job.model, "embed" if text_at else "image_embed")
+        if text_at and image_at:
+            self.models.require(job.model, "image_embed")
+        check_output(model, job.dimensions, job.output_dtypes, job.normalize)
+        prompt = choose_prompt(model, job.prompt_name, job.input_type, job.task) if text_at \
+            else Prompt()
+        texts = [job.inputs[i] for i in text_at]
+        pipeline.check_sizes(field, texts, text_at)  # type: ignore[arg-type]
+        rows: list[Any] = [None] * len(job.inputs)
+        async with pipeline.admit("embed", model, len(job.inputs)) as served:
+            if image_at:
                 # every image is fetched and decoded before any reaches the engine
                 try:
-                    images = await self.images.load_all(request.input)
+                    images = await self.images.load_all(
+                        [job.inputs[i].url for i in image_at], field, image_at)  # type: ignore[union-attr]
                 except BadRequest:
-                    metrics.image_failure(request.model)
+                    metrics.image_failure(job.model)
                     raise
-                call = model.embed_images(images)
-            else:
-                texts = request.input
-                if truncation == "START":
-                    texts = await keep_ends(model, texts, prompt.text)
-                if prompt.text:
-                    texts = [prompt.text + text for text in texts]
-                if truncation == "NONE":
-                    await pipeline.check_window(model, "input", texts, why=(
-                        "truncate=NONE" if request.truncate else "TRUNCATE_INPUTS=false"))
+                found, served.tokens = await pipeline.compute(model, model.embed_images(images),
+                                                              served)
+                for i, row in zip(image_at, found):
+                    rows[i] = row
+            if text_at:
+                texts = await self._fit(model, texts, prompt, job, text_at)  # type: ignore[arg-type]
                 call = pipeline.batched(model, self.batcher(model), texts, texts)
-            embeddings, served.tokens = await pipeline.compute(model, call, served)
-            pipeline.raise_faults(model, "input", embeddings)
-        matrix = quantize(truncate(as_matrix(embeddings), request.dimensions), request.output_dtype)
-        rows = encode_rows(matrix, request.encoding_format)
-        return schemas.embedding_response(request.model, rows, served.tokens, prompt.name,
-                                          prompt.note)
+                found, tokens = await pipeline.compute(model, call, served)
+                served.tokens += tokens
+                for i, row in zip(text_at, found):
+                    rows[i] = row
+            pipeline.raise_faults(model, field, rows)
+        matrix = vectors(as_matrix(rows), job.dimensions, job.normalize, model.info.raw_vectors)
+        return Embedded(matrix, served.tokens, prompt, len(image_at))
+
+    async def _fit(self, model: ModelBackend, texts: list[str], prompt: Prompt, job: EmbedJob,
+                   positions: list[int]) -> list[str]:
+        """The texts as the model gets them: truncated as asked, the prompt before each."""
+        settings = self.pipeline.settings
+        truncation = job.truncate or ("END" if settings.truncate_inputs else "NONE")
+        window = model.info.window
+        limit = min(window, job.max_tokens) if window and job.max_tokens else window
+        if truncation == "START" and limit:
+            texts = await cut_to(model, texts, prompt.text, limit, keep="end")
+        elif truncation == "END" and limit and window and limit < window:
+            texts = await cut_to(model, texts, prompt.text, limit, keep="start")
+        if prompt.text:
+            texts = [prompt.text + text for text in texts]
+        if truncation == "NONE":
+            why = "truncate=NONE" if job.truncate else "TRUNCATE_INPUTS=false"
+            await self.pipeline.check_window(
+                model, job.field, texts, why=why, positions=positions,
+                limit=(job.max_tokens, "max_tokens") if job.max_tokens else None)
+        return texts
 
     async def items(self, items: Sequence[EmbedItem]) -> list[list[float]]:
         """Embeddings for batch items that may name different models; order preserved."""
@@ -81,18 +145,20 @@ class Embeddings:
             for i in positions:  # the prompt was checked before batching (api.batch)
                 prompt = choose_prompt(model, items[i].prompt_name, None, None)
                 texts.append(prompt.text + items[i].text)
-            call = self.batcher(model).submit(texts)
-            vectors = await self.pipeline.compute(model, call)
-            self.pipeline.raise_faults(model, "items", vectors)
-            for i, vector in zip(positions, vectors):
-                out[i] = np.asarray(vector, dtype=np.float32).tolist()
+            found = await self.pipeline.compute(model, self.batcher(model).submit(texts))
+            self.pipeline.raise_faults(model, "items", found)
+            matrix = vectors(as_matrix(found), None, True, model.info.raw_vectors)
+            for i, vector in zip(positions, matrix):
+                out[i] = vector.tolist()
 
         await per_model(items, run)
         return out
 
 
-def check_output(model: ModelBackend, dimensions: int | None, output_dtype: str) -> None:
-    """`dimensions` within the model's size, and a multiple of 8 for a binary output."""
+def check_output(model: ModelBackend, dimensions: int | None, output_dtypes: Sequence[str],
+                 normalize: bool = True) -> None:
+    """`dimensions` within the model's size, a multiple of 8 for a binary output; raw vectors
+    only from an engine that has them, and not as int8 (its scale is for unit vectors)."""
     full = model.info.dimensions
     if dimensions is not None and full is not None and dimensions > full:
         raise BadRequest(
@@ -101,8 +167,15 @@ def check_output(model: ModelBackend, dimensions: int | None, output_dtype: str)
             param="dimensions",
         )
     size = dimensions or full
-    if output_dtype in ("binary", "ubinary") and size is not None and size % 8:
-        raise BadRequest(
-            f"output_dtype: {output_dtype} packs 8 dimensions per byte, and {size} is not a "
-            f"multiple of 8; ask for dimensions that are", param="output_dtype",
-        )
+    for output_dtype in output_dtypes:
+        if output_dtype in ("binary", "ubinary") and size is not None and size % 8:
+            raise BadRequest(
+                f"output_dtype: {output_dtype} packs 8 dimensions per byte, and {size} is not a "
+                f"multiple of 8; ask for dimensions that are", param="output_dtype",
+            )
+        if not normalize and output_dtype in ("int8", "uint8"):
+            raise BadRequest(f"output_dtype: {output_dtype} is scaled for unit vectors; ask for "
+                             f"normalized vectors or float/binary", param="output_dtype")
+    if not normalize and not model.info.raw_vectors:
+        raise BadRequest(f"normalized: model {model.info.name!r} gives unit vectors only (its "
+                         f"engine normalises them)", param="normalized")

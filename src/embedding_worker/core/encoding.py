@@ -17,6 +17,14 @@ def as_matrix(embeddings: list[Any]) -> np.ndarray:
     return np.asarray(np.stack(embeddings), dtype=np.float32)
 
 
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (a zero row stays zero)."""
+    # The norm in float64: float32 squares overflow above ~1.8e19 (the row became all zeros) and
+    # underflow below ~1e-19 (the row stayed un-normalised).
+    norms = np.linalg.norm(matrix.astype(np.float64), axis=1, keepdims=True)
+    return (matrix / np.where(norms == 0, 1, norms)).astype(matrix.dtype, copy=False)
+
+
 def truncate(matrix: np.ndarray, dimensions: int | None) -> np.ndarray:
     """Keep the first `dimensions` components and re-normalise each row to unit length.
 
@@ -25,11 +33,16 @@ def truncate(matrix: np.ndarray, dimensions: int | None) -> np.ndarray:
     """
     if dimensions is None or dimensions >= matrix.shape[1]:
         return matrix
-    cut = matrix[:, :dimensions]
-    # The norm in float64: float32 squares overflow above ~1.8e19 (the row became all zeros) and
-    # underflow below ~1e-19 (the row stayed un-normalised).
-    norms = np.linalg.norm(cut.astype(np.float64), axis=1, keepdims=True)
-    return (cut / np.where(norms == 0, 1, norms)).astype(cut.dtype, copy=False)
+    return unit_rows(matrix[:, :dimensions])
+
+
+def vectors(matrix: np.ndarray, dimensions: int | None, normalize: bool, raw: bool) -> np.ndarray:
+    """What a request gets of the engine's rows: cut to `dimensions`, and of unit length unless
+    it asked for the model's own vectors (`raw`: the engine's rows are unnormalised)."""
+    if dimensions is not None and dimensions < matrix.shape[1]:
+        matrix = matrix[:, :dimensions]
+        return unit_rows(matrix) if normalize else matrix
+    return unit_rows(matrix) if normalize and raw else matrix
 
 
 OUTPUT_DTYPES = ("float", "int8", "uint8", "binary", "ubinary")

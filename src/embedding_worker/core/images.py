@@ -212,15 +212,18 @@ class ImageFetcher:
             await self._client.aclose()
             self._client = None
 
-    async def load_all(self, items: list[str]) -> list[Image]:
-        """Every item or none: the first bad item (lowest index) fails the request with a 400."""
+    async def load_all(self, items: list[str], field: str = "input",
+                       positions: list[int] | None = None) -> list[Image]:
+        """Every item or none: the first bad item (lowest index) fails the request with a 400
+        naming it as `field[position]` (`positions`: each item's index in the request)."""
         if len(items) > self.policy.max_images:
-            raise too_many("input", len(items), self.policy.max_images, "MAX_IMAGES_PER_REQUEST",
+            raise too_many(field, len(items), self.policy.max_images, "MAX_IMAGES_PER_REQUEST",
                            noun="images")
         results = await asyncio.gather(*(self._load(item) for item in items), return_exceptions=True)
         for index, result in enumerate(results):
             if isinstance(result, ImageError):
-                raise BadRequest(f"input[{index}]: {result}", param="input", code="invalid_image")
+                where = positions[index] if positions is not None else index
+                raise BadRequest(f"{field}[{where}]: {result}", param=field, code="invalid_image")
             if isinstance(result, BaseException):
                 raise result
         return results  # type: ignore[return-value]

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..engine.base import ModelBackend
+from ..engine.base import ModelBackend, Tokens
 from .errors import BadRequest
 
 # a kind of input -> the prompt names that serve it, in the order they are looked for
@@ -71,30 +71,44 @@ def choose_prompt(model: ModelBackend, prompt_name: str | None, input_type: str 
     return Prompt(default, prompts[default]) if default else Prompt()
 
 
-async def keep_ends(model: ModelBackend, texts: list[str], prompt: str) -> list[str]:
-    """truncate=START: each text cut at its start so that, with the prompt and the special
-    tokens, it fits the model's window. The cut falls at the start of a word (a word's pieces
-    would be tokenised differently alone), so a text may keep a few tokens less than fit."""
-    window = model.info.window
-    if window is None:
-        return texts
+async def cut_to(model: ModelBackend, texts: list[str], prompt: str, limit: int,
+                 keep: str) -> list[str]:
+    """Each text cut so that, with the prompt and the special tokens, it fits `limit` tokens:
+    keep="end" drops its start (truncate=START), keep="start" its end (truncate=END under a
+    token limit below the model's window, e.g. Cohere's max_tokens; at the window the engine
+    truncates). The cut falls at a word's boundary (a word's pieces would be tokenised
+    differently alone), so a text may keep a few tokens less than fit."""
     tokens = await asyncio.to_thread(model.tokenize, [prompt, *texts] if prompt else texts)
     if tokens is None:
-        raise BadRequest(f"truncate: START needs a fast tokenizer, which model "
-                         f"{model.info.name!r} lacks; use END or NONE", param="truncate")
-    budget = window - model.info.special_tokens - (len(tokens[0].ids) if prompt else 0)
+        raise BadRequest(f"truncate: cutting a text to a token limit needs a fast tokenizer, "
+                         f"which model {model.info.name!r} lacks; use END or NONE",
+                         param="truncate")
+    budget = max(limit - model.info.special_tokens - (len(tokens[0].ids) if prompt else 0), 1)
     if prompt:
         tokens = tokens[1:]
-    out = []
-    for text, toks in zip(texts, tokens):
-        cut = first = len(toks.ids) - max(budget, 1)
-        if first <= 0:
-            out.append(text)
-            continue
-        while cut < len(toks.ids) and toks.words[cut] is not None \
-                and toks.words[cut] == toks.words[cut - 1]:
-            cut += 1  # inside a word: start at the next one
-        if cut == len(toks.ids):  # one word longer than the window: cut inside it
-            cut = first
-        out.append(text[toks.offsets[cut][0]:])
-    return out
+    return [text if len(toks.ids) <= budget else
+            _keep_end(text, toks, budget) if keep == "end" else _keep_start(text, toks, budget)
+            for text, toks in zip(texts, tokens)]
+
+
+def _same_word(toks: Tokens, i: int) -> bool:
+    """Token `i` continues the word of token `i - 1`."""
+    return toks.words[i] is not None and toks.words[i] == toks.words[i - 1]
+
+
+def _keep_end(text: str, toks: Tokens, budget: int) -> str:
+    cut = first = len(toks.ids) - budget
+    while cut < len(toks.ids) and _same_word(toks, cut):
+        cut += 1  # inside a word: start at the next one
+    if cut == len(toks.ids):  # one word longer than the budget: cut inside it
+        cut = first
+    return text[toks.offsets[cut][0]:]
+
+
+def _keep_start(text: str, toks: Tokens, budget: int) -> str:
+    cut = budget  # tokens kept
+    while cut > 0 and _same_word(toks, cut):
+        cut -= 1  # the next token continues a kept word: drop that word
+    if cut == 0:  # one word longer than the budget: cut inside it
+        cut = budget
+    return text[:toks.offsets[cut - 1][1]]

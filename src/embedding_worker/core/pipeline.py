@@ -69,28 +69,38 @@ class Pipeline:
 
     # --- validate ---
 
-    def check_sizes(self, field: str, texts: Sequence[str]) -> None:
+    def check_sizes(self, field: str, texts: Sequence[str],
+                    positions: Sequence[int] | None = None) -> None:
+        """Every text within MAX_TEXT_CHARS (`positions`: each text's index in the request)."""
         limit = self.settings.max_text_chars
         for i, text in enumerate(texts):
             if len(text) > limit:
+                where = positions[i] if positions is not None else i
                 raise PayloadTooLarge(
-                    f"{field}[{i}]: {len(text)} characters, at most {limit} per text "
+                    f"{field}[{where}]: {len(text)} characters, at most {limit} per text "
                     f"(MAX_TEXT_CHARS)", param=field,
                 )
 
     async def check_window(self, model: ModelBackend, field: str, texts: list[str],
-                           query: str | None = None, why: str = "TRUNCATE_INPUTS=false") -> None:
-        """Refuse texts the model would have to truncate (`why` names what asked for that)."""
+                           query: str | None = None, why: str = "TRUNCATE_INPUTS=false",
+                           limit: tuple[int, str] | None = None,
+                           positions: Sequence[int] | None = None) -> None:
+        """Refuse texts the model would have to truncate (`why` names what asked for that);
+        `limit`: a token limit below the window, and the field that set it."""
         window = model.info.window
         if window is None:
             return
+        bound = f"the model's window of {window} tokens"
+        if limit is not None and limit[0] < window:
+            window, bound = limit[0], f"{limit[1]}={limit[0]}"
         counts = await asyncio.to_thread(model.count_tokens, texts, query)
         for i, count in enumerate(counts or []):
             if count > window:
                 what = "query and document together are" if query is not None else "it is"
+                where = positions[i] if positions is not None else i
                 raise BadRequest(
-                    f"{field}[{i}]: {what} {count} tokens, over the model's window of {window} "
-                    f"tokens ({why} refuses instead of truncating)",
+                    f"{field}[{where}]: {what} {count} tokens, over {bound} "
+                    f"({why} refuses instead of truncating)",
                     param=field, code="context_length_exceeded",
                 )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -65,8 +66,54 @@ def check_texts(value: Any, field: str) -> list[str]:
     return value
 
 
+def unwrap_texts(value: list[Any], field: str) -> list[Any]:
+    """Cohere's and Jina's `{"text": ...}` documents as their strings."""
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, dict):
+            if "text" not in item:
+                raise _invalid(f'{field}[{i}]: expected a string or {{"text": ...}}')
+            item = item["text"]
+        out.append(item)
+    return out
+
+
 def type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """An image input: an http(s) URL, a data URI or bare base64 (texts stay plain strings)."""
+
+    url: str
+
+
+def check_inputs(value: Any, field: str, images: bool) -> list[str | Image]:
+    """Texts, or (`images`: modality image) image URLs, or Jina's items: `{"text": ...}` and
+    `{"image": ...}` objects, which may be mixed with plain strings (texts, or images under
+    `images`). Errors name the item."""
+    if not isinstance(value, list) or not any(isinstance(item, dict) for item in value):
+        texts = check_texts(value, field)
+        return [Image(url) for url in texts] if images else texts  # type: ignore[return-value]
+    out: list[str | Image] = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            text = item
+        elif isinstance(item, dict) and len(item) == 1 and ("text" in item or "image" in item):
+            kind, text = next(iter(item.items()))
+            if not isinstance(text, str):
+                raise _invalid(f"{field}[{i}].{kind}: expected a string, got {type_name(text)}")
+        elif isinstance(item, dict):
+            raise _invalid(f'{field}[{i}]: expected {{"text": ...}} or {{"image": ...}}, got '
+                           f"the keys {', '.join(sorted(map(str, item))) or 'none'}")
+        else:
+            raise _invalid(f"{field}[{i}]: expected a string or an object, got {type_name(item)}")
+        if not text.strip():
+            raise _invalid(f"{field}[{i}]: empty string")
+        is_image = images if isinstance(item, str) else "image" in item
+        out.append(Image(text) if is_image else text)
+    return out
 
 
 class _Request(BaseModel):
@@ -81,11 +128,19 @@ _TEXT = {"type": "string", "minLength": 1, "pattern": r"\S"}
 _TEXTS = {"type": "array", "items": _TEXT, "minItems": 1}
 
 
+_ITEM = {"anyOf": [_TEXT, {"type": "object", "properties": {"text": _TEXT}, "required": ["text"],
+                           "additionalProperties": False},
+                   {"type": "object", "properties": {"image": _TEXT}, "required": ["image"],
+                    "additionalProperties": False}]}
+
+
 class EmbeddingRequest(_Request):
-    # always a list after validation; the union documents what is accepted
-    input: Annotated[str | list[str], WithJsonSchema({"anyOf": [_TEXT, _TEXTS]})]
+    # before `input`, whose validator reads it: it says what plain strings are
     modality: Annotated[str, WithJsonSchema({"type": "string", "enum": list(MODALITIES),
                                              "default": "text"})] = "text"
+    # a list of texts and `Image`s after validation; the union documents what is accepted
+    input: Annotated[Any, WithJsonSchema(
+        {"anyOf": [_TEXT, {"type": "array", "items": _ITEM, "minItems": 1}]})]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
@@ -105,10 +160,9 @@ class EmbeddingRequest(_Request):
         None, description=("END keeps the start of a text that is too long, START its end; "
                            "NONE refuses it (400). Default: TRUNCATE_INPUTS"))
 
-    @field_validator("input", mode="before")
-    @classmethod
-    def _input(cls, value: Any) -> list[str]:
-        return check_texts(value, "input")
+    normalized: bool = Field(True, validation_alias=AliasChoices("normalized", "normalize"),
+                             description="false: the model's own vectors (Jina's field)")
+    late_chunking: bool = Field(False, description="Jina's; not supported (true is a 400)")
 
     @field_validator("input_type", "task", "output_dtype", "truncate", mode="before")
     @classmethod
@@ -125,10 +179,22 @@ class EmbeddingRequest(_Request):
         return key
 
     @model_validator(mode="after")
-    def _jina_base64(self) -> EmbeddingRequest:
+    def _jina(self) -> EmbeddingRequest:
         if self.output_dtype == "base64":  # Jina's embedding_type: float vectors as base64
             self.output_dtype, self.encoding_format = "float", "base64"
         return self
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, value: Any, info: Any) -> list[str | Image]:
+        return check_inputs(value, "input", images=info.data.get("modality") == "image")
+
+    @field_validator("late_chunking")
+    @classmethod
+    def _late_chunking(cls, value: bool) -> bool:
+        if value:
+            raise _invalid("late_chunking: not supported; embed each chunk as its own input")
+        return value
 
     @field_validator("modality", mode="before")
     @classmethod
@@ -164,7 +230,7 @@ class RerankRequest(_Request):
             raise _invalid("documents: expected a list of strings, got a single string")
         if not isinstance(value, list):  # check_texts would say "a string or a list of strings"
             raise _invalid(f"documents: expected a list of strings, got {type_name(value)}")
-        return check_texts(value, "documents")
+        return check_texts(unwrap_texts(value, "documents"), "documents")
 
 
 # --- items for the BentoML batchable methods (Bento-to-Bento callers) ---

@@ -51,16 +51,27 @@ class ModelInfo:
     prompts: tuple[tuple[str, str], ...] = ()
     default_prompt_name: str | None = None
     special_tokens: int = 0  # tokens the tokenizer adds to one text ([CLS], [SEP])
+    # True: `embed` gives the model's own vectors, unnormalised (the core normalises unless a
+    # request asks for them raw); False: the engine can only give unit vectors
+    raw_vectors: bool = False
+    # a classifier's labels in the order of `classify`'s scores, and what turns its raw scores
+    # into probabilities: "softmax" (one label per text) or "sigmoid" (each label on its own)
+    labels: tuple[str, ...] = ()
+    label_activation: str = "softmax"
+    pooling: str | None = None  # an embedder's pooling (mean, cls, lasttoken), where known
 
 
 @dataclass(frozen=True)
 class Tokens:
-    """One text's tokens without special tokens: ids, character spans, and the word each token
-    belongs to (None for none), as the model's fast tokenizer gives them."""
+    """One text's tokens: ids, character spans, and the word each token belongs to (None for
+    none), as the model's fast tokenizer gives them; each token's string and whether it is a
+    special token (only there when asked for)."""
 
     ids: list[int]
     offsets: list[tuple[int, int]]
     words: list[int | None]
+    strings: list[str]
+    special: list[bool]
 
 
 @dataclass(frozen=True)
@@ -132,11 +143,16 @@ class ModelBackend(ABC):
 
     @abstractmethod
     async def embed(self, texts: list[str]) -> Rows:
-        """One vector per text (a float array)."""
+        """One vector per text (a float array): the model's own, unnormalised where
+        `info.raw_vectors`, else of unit length."""
 
     @abstractmethod
     async def embed_images(self, images: list[Any]) -> Rows:
-        """One vector per decoded RGB image."""
+        """One vector per decoded RGB image, as `embed` gives them."""
+
+    @abstractmethod
+    async def classify(self, texts: list[str]) -> Rows:
+        """The raw score (logit) of every label per text, in the order of `info.labels`."""
 
     @abstractmethod
     async def score(self, pairs: list[tuple[str, str]]) -> Rows:
@@ -153,9 +169,14 @@ class ModelBackend(ABC):
         included; None when the model has no text tokenizer. Blocking, thread-safe."""
 
     @abstractmethod
-    def tokenize(self, texts: list[str]) -> list[Tokens] | None:
-        """Each text's tokens (no special tokens, no truncation); None without a fast text
-        tokenizer. Blocking, thread-safe."""
+    def tokenize(self, texts: list[str], add_special_tokens: bool = False) -> list[Tokens] | None:
+        """Each text's tokens (no truncation); None without a fast text tokenizer. Blocking,
+        thread-safe."""
+
+    @abstractmethod
+    def decode(self, ids: list[list[int]], skip_special_tokens: bool = True) -> list[str] | None:
+        """The text of each token-id sequence; None without a text tokenizer. Blocking,
+        thread-safe."""
 
     @abstractmethod
     def queue(self) -> QueueStats:

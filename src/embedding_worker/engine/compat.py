@@ -1,6 +1,6 @@
 """Every touch of infinity-emb's internals, checked before it is made.
 
-infinity-emb is pinned (0.0.78). The service relies on eight things it does not offer publicly;
+infinity-emb is pinned (0.0.78). The service relies on ten things it does not offer publicly;
 each is listed in `WORKAROUNDS` with what it is for, and docs/architecture.md says how to drop it
 once infinity fixes it. Before any is applied, `check_modules` and `adapt` look up every attribute
 they will read or replace and check its type; a missing or changed one raises
@@ -39,6 +39,9 @@ WORKAROUNDS = {
     "usage as truncated": "the torch classes count usage past the model's window",
     "no result delay": "infinity's post-processing thread sleeps 5 ms after most batches",
     "pair scoring": "the public rerank takes one query per call; batches mix queries",
+    "raw vectors": "infinity normalises every embedding; a request may ask for the model's own",
+    "classifier logits": "infinity's classifier gives softmax scores sorted by score (its "
+                         "raw_scores does nothing)",
 }
 
 
@@ -132,15 +135,20 @@ def bare_onnx_file_names() -> None:
 
 
 def _text_classes() -> dict[str, tuple[type, ...]]:
-    """infinity's text model classes the workarounds know: embedders and cross-encoders."""
+    """infinity's model classes the workarounds know: text embedders and cross-encoders (by
+    backend), the classifier and the CLIP-like model."""
+    from infinity_emb.transformer.classifier.torch import SentenceClassifier
     from infinity_emb.transformer.crossencoder.optimum import OptimumCrossEncoder
     from infinity_emb.transformer.crossencoder.torch import CrossEncoderPatched
     from infinity_emb.transformer.embedder.optimum import OptimumEmbedder
     from infinity_emb.transformer.embedder.sentence_transformer import SentenceTransformerPatched
+    from infinity_emb.transformer.vision.torch_vision import TIMM
 
     return {"onnx": (OptimumEmbedder, OptimumCrossEncoder),
             "torch": (SentenceTransformerPatched, CrossEncoderPatched),
-            "cross_encoder": (OptimumCrossEncoder,)}
+            "cross_encoder": (OptimumCrossEncoder,),
+            "st_embedder": (SentenceTransformerPatched,), "onnx_embedder": (OptimumEmbedder,),
+            "classifier": (SentenceClassifier,), "clip": (TIMM,)}
 
 
 # --- per engine: after it is built, before its batch loop serves ---
@@ -154,6 +162,9 @@ class Adapted:
     tokenizer: Any | None  # the model's own tokenizer (count_tokens), None without text
     usage: Callable[[list[str]], list[int]]  # text tokens per text, as the model saw them
     score: Callable[[list[tuple[str, str]]], Any]  # awaitable (scores, usage) for any pairs
+    raw_vectors: bool = False  # its embeddings come unnormalised ("raw vectors")
+    labels: tuple[str, ...] = ()  # a classifier's, in the order of its logits
+    label_activation: str = "softmax"
 
 
 def adapt(engine: Any, *, onnx: OnnxModel | None, cpu: bool, guard: FaultGuard) -> Adapted:
@@ -181,21 +192,38 @@ def adapt(engine: Any, *, onnx: OnnxModel | None, cpu: bool, guard: FaultGuard) 
             _need(model, "config", object, "onnx window and usage")
             _need(model.config, "max_position_embeddings", int, "onnx window and usage")
 
+        if isinstance(model, classes["classifier"]):
+            _need(model, "_pipe", object, "classifier logits")
+            _need(model, "_infinity_tokenizer", object, "usage as truncated")
+            _need(model._pipe, "tokenizer", object, "classifier logits")
+            _need(model._pipe, "model", object, "classifier logits")
+        if isinstance(model, classes["clip"]):
+            _need(model, "_normalize_cpu", "callable", "raw vectors")
+        if isinstance(model, classes["onnx_embedder"]):
+            _need(model, "pooling", "callable", "raw vectors")
+
+    raw_vectors, labels = False, None
     for model in replicas:
         if onnx is not None:
             _fit_onnx(model, onnx, classes["cross_encoder"])
+        raw_vectors = _unnormalised(model, classes)
+        if isinstance(model, classes["classifier"]):
+            labels = _classifier_logits(model)
         if cpu and _groupable(model, text):
             model.encode_core = grouping.grouped(model.encode_core)
         model.encode_pre, model.encode_core, model.encode_post = guard.guard_stages(
             model.encode_pre, model.encode_core, model.encode_post)
     first = replicas[0]
-    window = _window(first)
+    tokenizer = _tokenizer(first) if labels is None else first._pipe.tokenizer
+    window = _window(first) if labels is None else _tokenizer_limit(tokenizer)
     if isinstance(first, text) and window is None:
         raise IncompatibleInfinity(
             f"infinity-emb {_version()}: {type(first).__name__} has no max_seq_length or "
             f"max_length; truncation checks and usage need the model's window")
     for model in replicas:
         _count_usage_as_truncated(model, window)
+        if labels is not None:  # its own count does not truncate
+            model.tokenize_lengths = types.MethodType(_text_tokens, model)
     for worker in workers:
         # infinity's post-processing thread sleeps `batch_delay` (5 ms) before finishing every
         # batch that has no successor computed yet: its test `_last_inference < now + 2 * delay`
@@ -209,8 +237,73 @@ def adapt(engine: Any, *, onnx: OnnxModel | None, cpu: bool, guard: FaultGuard) 
     def score(pairs: list[tuple[str, str]]) -> Any:
         return schedule([ReRankSingle(query=q, document=d) for q, d in pairs])
 
-    return Adapted(window=window, tokenizer=_tokenizer(first), usage=first.tokenize_lengths,
-                   score=score)
+    names, activation = labels or ((), "softmax")
+    return Adapted(window=window, tokenizer=tokenizer, usage=first.tokenize_lengths, score=score,
+                   raw_vectors=raw_vectors, labels=names, label_activation=activation)
+
+
+def _unnormalised(model: Any, classes: dict[str, tuple[type, ...]]) -> bool:
+    """Make the model's embeddings come as the model computes them (the core normalises them
+    unless a request asks otherwise); False for a class this does not know."""
+    if isinstance(model, classes["st_embedder"]):
+        if getattr(model, "mode_colbert", False):
+            return False
+        if not isinstance(getattr(model, "normalize_embeddings", None), bool):
+            raise IncompatibleInfinity(
+                f"infinity-emb {_version()}: {type(model).__name__}.normalize_embeddings is not "
+                f"a bool; the 'raw vectors' workaround was written for infinity-emb {WRITTEN_FOR}")
+        model.normalize_embeddings = False
+        return True
+    if isinstance(model, classes["onnx_embedder"]):
+        model.encode_post = types.MethodType(_pooled, model)
+        return True
+    if isinstance(model, classes["clip"]):
+        normalise = model._normalize_cpu
+        model._normalize_cpu = lambda tensor, normalize: normalise(tensor, False)
+        return True
+    return False
+
+
+def _pooled(self: Any, embedding: dict[str, Any]) -> Any:
+    """The optimum embedder's `encode_post` without its normalisation."""
+    import numpy as np
+
+    pooled = self.pooling(embedding["token_embeddings"], embedding["attention_mask"])
+    return np.asarray(pooled, dtype=np.float32)
+
+
+def _classifier_logits(model: Any) -> tuple[tuple[str, ...], str]:
+    """Make the classifier's rows its raw scores in label order (infinity's pipeline call
+    applies softmax and sorts by score); its labels, and the activation the transformers
+    pipeline would apply (sigmoid for one label or multi-label models)."""
+    import numpy as np
+
+    pipe = model._pipe
+    config = pipe.model.config
+    id2label = {int(i): str(label) for i, label in config.id2label.items()}
+    labels = tuple(id2label[i] for i in sorted(id2label))
+    multi = getattr(config, "problem_type", None) == "multi_label_classification"
+    activation = "sigmoid" if multi or len(labels) == 1 else "softmax"
+
+    def logits(sentences: list[str]) -> list[Any]:
+        # as infinity's own call, but no function applied
+        return pipe(sentences, batch_size=256, truncation=True, padding=True,
+                    function_to_apply="none")
+
+    def in_label_order(rows: list[list[dict[str, Any]]]) -> list[Any]:
+        out = []
+        for row in rows:
+            by_label = {entry["label"]: entry["score"] for entry in row}
+            out.append(np.array([by_label[label] for label in labels], dtype=np.float32))
+        return out
+
+    model.encode_core, model.encode_post = logits, in_label_order
+    return labels, activation
+
+
+def _tokenizer_limit(tokenizer: Any) -> int | None:
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
 
 
 def _groupable(model: Any, text: tuple[type, ...]) -> bool:
@@ -234,8 +327,7 @@ def _window(model: Any) -> int | None:
         value = getattr(model, attr, None)
         if isinstance(value, int) and value > 0:
             return value
-    limit = getattr(_tokenizer(model), "model_max_length", None)
-    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+    return _tokenizer_limit(_tokenizer(model))
 
 
 def _count_usage_as_truncated(model: Any, window: int | None) -> None:

@@ -52,6 +52,10 @@ class InfinityModel(ModelBackend):
     async def embed_images(self, images: list[Any]) -> Rows:
         return await self._engine.image_embed(images=images)
 
+    async def classify(self, texts: list[str]) -> Rows:
+        # compat's "classifier logits" makes every row the raw scores in label order
+        return await self._engine.classify(sentences=texts, raw_scores=True)
+
     async def score(self, pairs: list[tuple[str, str]]) -> Rows:
         scores, usage = await self._adapted.score(pairs)
         return list(scores), usage
@@ -79,17 +83,28 @@ class InfinityModel(ModelBackend):
                                     truncation=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
-    def tokenize(self, texts: list[str]) -> list[Tokens] | None:
+    def tokenize(self, texts: list[str], add_special_tokens: bool = False) -> list[Tokens] | None:
         counter = self._tokenizer()
         if counter is None or not getattr(counter[1], "is_fast", False):
             return None
         lock, tokenizer = counter
         with lock:
-            encoded = tokenizer(texts, add_special_tokens=False, truncation=False,
-                                return_offsets_mapping=True)
+            encoded = tokenizer(texts, add_special_tokens=add_special_tokens, truncation=False,
+                                return_offsets_mapping=True, return_special_tokens_mask=True)
             words = [encoded.word_ids(i) for i in range(len(texts))]
-        return [Tokens(ids, [tuple(span) for span in spans], w) for ids, spans, w
-                in zip(encoded["input_ids"], encoded["offset_mapping"], words)]
+            strings = [tokenizer.convert_ids_to_tokens(ids) for ids in encoded["input_ids"]]
+        return [Tokens(ids, [tuple(span) for span in spans], w, names, [bool(m) for m in mask])
+                for ids, spans, w, names, mask in zip(encoded["input_ids"],
+                                                      encoded["offset_mapping"], words, strings,
+                                                      encoded["special_tokens_mask"])]
+
+    def decode(self, ids: list[list[int]], skip_special_tokens: bool = True) -> list[str] | None:
+        counter = self._tokenizer()
+        if counter is None:
+            return None
+        lock, tokenizer = counter
+        with lock:
+            return tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
 
     def queue(self) -> QueueStats:
         status = self._engine.overload_status()
@@ -257,6 +272,10 @@ class InfinityEngine(Engine):
             dimensions=dimensions, prompts=prompts, default_prompt_name=default,
             special_tokens=tokenizer.num_special_tokens_to_add(pair=False)
             if hasattr(tokenizer, "num_special_tokens_to_add") else 0,
+            raw_vectors=adapted.raw_vectors, labels=adapted.labels,
+            label_activation=adapted.label_activation,
+            pooling=self._onnx[name].pooling if name in self._onnx else model_config.pooling(
+                spec.source),
         )
         onnx = self._onnx.get(name)
         logger.info(

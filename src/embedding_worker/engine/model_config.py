@@ -1,4 +1,4 @@
-"""What a model's own files say beyond its weights: sentence-transformers' prompts."""
+"""What a model's own files say beyond its weights: sentence-transformers' prompts and pooling."""
 
 from __future__ import annotations
 
@@ -48,3 +48,33 @@ def served_prompts(source: str, overrides: tuple[tuple[str, str], ...]
     prompts, default = st_prompts(source)
     prompts.update(overrides)
     return tuple(prompts.items()), default
+
+
+# sentence-transformers' pooling modes -> the names TEI's /info uses
+POOLING_NAMES = {"mean_tokens": "mean", "cls_token": "cls", "lasttoken": "last_token",
+                 "max_tokens": "max"}
+
+
+def pooling_modes(source: str) -> list[str] | None:
+    """The modes its sentence-transformers Pooling module has on (e.g. ["mean_tokens"]); None for
+    a model without one (sentence-transformers then pools by mean)."""
+    modules_file = _find(source, "modules.json")
+    if modules_file is None:
+        return None
+    try:
+        modules = json.loads(modules_file.read_text())
+        path = next(m["path"] for m in modules if m["type"].endswith(".Pooling"))
+    except (OSError, ValueError, KeyError, StopIteration):
+        return None
+    config_file = _find(source, f"{path}/config.json".lstrip("/"))
+    if config_file is None:
+        return None
+    config = json.loads(config_file.read_text())
+    return sorted(k.removeprefix("pooling_mode_") for k, on in config.items()
+                  if k.startswith("pooling_mode_") and on is True)
+
+
+def pooling(source: str) -> str:
+    """The pooling's name for /info: mean, cls, last_token, max, or a "+" of several."""
+    modes = pooling_modes(source) or ["mean_tokens"]
+    return "+".join(POOLING_NAMES.get(mode, mode) for mode in modes)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError
+from . import model_config
 
 logger = logging.getLogger("embedding_worker")
 
@@ -108,11 +109,7 @@ def _pooling(model_dir: Path, source: str) -> str:
     if extra:
         raise ConfigError(f"BACKEND=optimum: {source} has sentence-transformers modules "
                           f"{', '.join(extra)} that the ONNX path leaves out; use BACKEND=torch")
-    if "Pooling" not in kinds:
-        return "mean"
-    config = json.loads((model_dir / kinds["Pooling"]["path"] / "config.json").read_text())
-    modes = sorted(k.removeprefix("pooling_mode_") for k, on in config.items()
-                   if k.startswith("pooling_mode_") and on is True)
+    modes = model_config.pooling_modes(str(model_dir)) or ["mean_tokens"]
     if modes == ["mean_tokens"]:
         return "mean"
     if modes == ["cls_token"]:
