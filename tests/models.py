@@ -24,9 +24,9 @@ def _tiny_bert_config(**extra):
 
 def make_tiny_embedder(path: Path, *, positions: int = 512, seed: int = 0, window: int = 128,
                        prompts: dict[str, str] | None = None,
-                       default_prompt_name: str | None = None) -> Path:
-    """A BERT embedder in sentence-transformers layout (mean pooling + normalise), 128 tokens;
-    `prompts` go into its config_sentence_transformers.json."""
+                       default_prompt_name: str | None = None, normalize: bool = True) -> Path:
+    """A BERT embedder in sentence-transformers layout (mean pooling, + normalise unless not
+    `normalize`), 128 tokens; `prompts` go into its config_sentence_transformers.json."""
     import torch
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, BertModel
@@ -36,8 +36,9 @@ def make_tiny_embedder(path: Path, *, positions: int = 512, seed: int = 0, windo
     BertModel(_tiny_bert_config(max_position_embeddings=positions)).save_pretrained(raw)
     AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(raw)
     transformer = models.Transformer(str(raw), max_seq_length=window)
+    modules = [transformer, models.Pooling(HIDDEN, "mean"), *([models.Normalize()] if normalize else [])]
     st = SentenceTransformer(
-        modules=[transformer, models.Pooling(HIDDEN, "mean"), models.Normalize()], device="cpu",
+        modules=modules, device="cpu",
         prompts=prompts, default_prompt_name=default_prompt_name,
     )
     st.save(str(path))
@@ -67,6 +68,24 @@ def make_tiny_reranker(path: Path, *, positions: int = 512) -> Path:
                                max_position_embeddings=positions)
     model = BertForSequenceClassification(config)
     with torch.no_grad():  # spread the scores so the order is well defined
+        model.classifier.weight.mul_(40)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(path)
+    return path
+
+
+def make_tiny_classifier(path: Path) -> Path:
+    """A BERT sequence classifier with three named labels (infinity serves it as a classifier)."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    torch.manual_seed(3)
+    labels = ["negative", "neutral", "positive"]
+    config = _tiny_bert_config(num_labels=3, architectures=["BertForSequenceClassification"],
+                               id2label=dict(enumerate(labels)),
+                               label2id={label: i for i, label in enumerate(labels)})
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():  # spread the logits so that the labels differ between texts
         model.classifier.weight.mul_(40)
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(path)

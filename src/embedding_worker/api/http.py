@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP surface: parse, call the core, serialise. No logic of its own.
+"""The HTTP surface of every dialect (`routes.ROUTES`): read the body, call the core, serialise.
+No logic of its own.
 
 Mounted into the BentoML service with `@bentoml.asgi_app`; built over the process's `Core`.
 """
@@ -18,43 +19,41 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..core.core import Core
 from ..core.encoding import dumps
 from ..core.errors import APIError, BadRequest, InternalError, MethodNotAllowed, NotFound
-from ..core.schemas import (
-    EmbeddingRequest,
-    EmbeddingResponse,
-    ErrorResponse,
-    ModelList,
-    RerankRequest,
-    RerankResponse,
-    RunSyncRequest,
-    RunSyncResponse,
-    runsync_response,
-)
+from ..core.schemas import ErrorResponse, RunSyncRequest, RunSyncResponse, runsync_response
 from ..observability.logs import annotate
 from .jobs import run_job
+from .routes import ROUTES, TEI_ROUTES, Operation, Route, dialect_of
 
 logger = logging.getLogger("embedding_worker")
 
 JSON = "application/json"
 
 
-def error_response(error: APIError) -> Response:
-    return Response(dumps(error.envelope()), status_code=error.status, media_type=JSON,
+def error_body(error: APIError, path: str) -> bytes:
+    """The error in the shape its dialect's clients read: TEI's on TEI's routes (and on `/rerank`
+    with TEI's body), else OpenAI's envelope."""
+    shape = error.shape or dialect_of(path)
+    return dumps(error.tei_envelope() if shape == "tei" else error.envelope())
+
+
+def error_response(error: APIError, path: str = "") -> Response:
+    return Response(error_body(error, path), status_code=error.status, media_type=JSON,
                     headers=error.headers)
 
 
 # nginx's "client closed request": logged, never seen by the client that left
 CLIENT_CLOSED = 499
 
-Handler = Callable[[Any], Awaitable[Response]]
+Handler = Callable[[Request, Any], Awaitable[Response]]
 
 
 def cancelled_on_disconnect(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-    """An endpoint that runs `handler` on the request's JSON body and cancels it if the client
-    disconnects first, so that its items stop taking engine time (the batchers withdraw them,
-    infinity skips them). The body is read before watching: both would `receive()`."""
+    """An endpoint that runs `handler` on the request and its JSON body and cancels it if the
+    client disconnects first, so that its items stop taking engine time (the batchers withdraw
+    them, infinity skips them). The body is read before watching: both would `receive()`."""
 
     async def run(request: Request) -> Response:
-        task = asyncio.ensure_future(handler(await _json_body(request)))
+        task = asyncio.ensure_future(handler(request, await _json_body(request)))
 
         async def disconnected() -> None:
             while (await request.receive())["type"] != "http.disconnect":
@@ -122,47 +121,55 @@ def create_app(core: Core) -> FastAPI:
     )
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> Response:
-        return error_response(exc)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        path = request.url.path
         if exc.status_code == 404:
-            return error_response(NotFound(f"no route {request.method} {request.url.path}"))
+            return error_response(NotFound(f"no route {request.method} {path}"), path)
         if exc.status_code == 405:
-            error = MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}")
+            error = MethodNotAllowed(f"method {request.method} is not allowed on {path}")
             error.headers = dict(exc.headers or {})  # Allow
-            return error_response(error)
-        return error_response(InternalError(f"internal error: HTTP {exc.status_code} {exc.detail}"))
+            return error_response(error, path)
+        return error_response(InternalError(f"internal error: HTTP {exc.status_code} {exc.detail}"),
+                              path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(InternalError(f"internal error: {type(exc).__name__}"))
+        return error_response(InternalError(f"internal error: {type(exc).__name__}"),
+                              request.url.path)
 
-    def post(paths: list[str], model: type, response_model: type,
-             operation: Callable[[Any], Awaitable[dict[str, Any]]]) -> None:
-        @cancelled_on_disconnect
-        async def endpoint(body: Any) -> Response:
-            return Response(dumps(await operation(body)), media_type=JSON)
+    def add(path: str, route: Route, operation: Operation, documented: bool) -> None:
+        """One path of `route`; a TEI path under /tei/ takes its model from the path."""
+        if route.request is None:
+            async def endpoint(request: Request) -> Response:
+                return Response(dumps(await operation(None, request.path_params.get("model"))),
+                                media_type=JSON)
+        else:
+            @cancelled_on_disconnect
+            async def endpoint(request: Request, body: Any) -> Response:
+                result = await operation(body, request.path_params.get("model"))
+                return Response(dumps(result), media_type=JSON)
 
-        for i, path in enumerate(paths):
-            app.add_api_route(
-                path,
-                endpoint,
-                methods=["POST"],
-                response_model=response_model,
-                responses=_ERRORS,
-                openapi_extra=_body_doc(model),
-                include_in_schema=i == 0,
-                name=f"{path}",
-            )
+        extra = _body_doc(route.request) if route.request is not None else {}
+        if "{model" in path:
+            extra["parameters"] = [{"name": "model", "in": "path", "required": True,
+                                    "description": "a served model's name (may contain /)",
+                                    "schema": {"type": "string"}}]
+        app.add_api_route(path, endpoint, methods=[route.method], response_model=route.response,
+                          responses=_ERRORS, openapi_extra=extra or None,
+                          include_in_schema=documented, name=path,
+                          tags=[route.dialect])
 
-    # /openai/v1/...: the path RunPod's OpenAI proxy uses, so base URLs differ only in the host
-    post(["/v1/embeddings", "/embeddings", "/openai/v1/embeddings"], EmbeddingRequest,
-         EmbeddingResponse, core.embeddings.create)
-    post(["/v1/rerank", "/rerank", "/v2/rerank", "/openai/v1/rerank"], RerankRequest,
-         RerankResponse, core.rerank.create)
+    for route in ROUTES:
+        operation = route.operation(core)
+        for i, path in enumerate(route.paths):
+            add(path, route, operation, documented=i == 0)
+    for path, route in TEI_ROUTES.items():  # the bare /tei/{model} last: it matches the rest
+        add(path, route, route.operation(core), documented=True)
 
     async def runsync(request: Request) -> Response:
         """RunPod's Standard flavour, locally: the job's output wrapped as RunPod wraps it."""
@@ -179,13 +186,6 @@ def create_app(core: Core) -> FastAPI:
                       responses={s: _ERRORS[s] for s in (400, 401, 413, 503)},
                       openapi_extra=_body_doc(RunSyncRequest))
 
-    async def models(_: Request) -> Response:
-        return Response(dumps(await core.models.list()), media_type=JSON)
-
-    for i, path in enumerate(["/v1/models", "/models", "/openai/v1/models"]):
-        app.add_api_route(path, models, methods=["GET"], response_model=ModelList,
-                          responses=_ERRORS, include_in_schema=i == 0)
-
     async def unknown_route(request: Request) -> Response:
         # Last route of the mounted app: BentoML's own routes match first, everything else
         # gets the envelope (405 where the path exists with another method).
@@ -200,7 +200,7 @@ def create_app(core: Core) -> FastAPI:
 
     app.add_api_route("/{path:path}", unknown_route, include_in_schema=False,
                       methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
-    _register_schemas(app, [EmbeddingRequest, RerankRequest, RunSyncRequest])
+    _register_schemas(app, [*dict.fromkeys(r.request for r in ROUTES if r.request is not None), RunSyncRequest])
     return app
 
 

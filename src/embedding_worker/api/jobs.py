@@ -1,7 +1,8 @@
 """The RunPod "standard" job: one envelope for the RunPod handler and `POST /runsync`.
 
-A job's `input` names an OpenAI route (`openai_route` + `openai_input`, as RunPod's OpenAI proxy
-sends), or is an embedding or rerank body itself. Both transports run it here, so they give the
+A job's `input` names a route of any dialect (`route` + `body`: `{"route": "/v2/embed", "body":
+{...}}`, `/tei/<model>/embed` too), or an OpenAI route (`openai_route` + `openai_input`, as
+RunPod's OpenAI proxy sends), or is an embedding or rerank body itself. Both transports run it here, so they give the
 same output, the same error text and the same treatment of an unexpected exception.
 """
 
@@ -14,13 +15,14 @@ from typing import Any
 
 from ..core.core import Core
 from ..core.errors import APIError, BadRequest, NotFound
+from .routes import find
 
 logger = logging.getLogger("embedding_worker")
 
 JOB_SHAPES = (
-    'expected {"openai_route": "/v1/models" | "/v1/embeddings" | "/v1/rerank", "openai_input": '
-    '{...}}, an embedding body {"model", "input", "modality"?}, or a rerank body '
-    '{"model", "query", "docs"}'
+    'expected {"route": "/v1/embeddings" | "/v2/embed" | "/embed" | ..., "body": {...}}, '
+    '{"openai_route": "/v1/models" | "/v1/embeddings" | "/v1/rerank", "openai_input": {...}}, '
+    'an embedding body {"model", "input", "modality"?}, or a rerank body {"model", "query", "docs"}'
 )
 
 
@@ -30,10 +32,18 @@ def openai_routes(core: Core) -> dict[str, Callable[[Any], Awaitable[dict[str, A
             "/rerank": core.rerank.create}
 
 
-async def dispatch(core: Core, job_input: Any) -> dict[str, Any]:
+async def dispatch(core: Core, job_input: Any) -> Any:
     """Route a job's `input` to the family operation it names."""
     if not isinstance(job_input, dict):
         raise BadRequest(f"job input must be a JSON object; {JOB_SHAPES}")
+    if "route" in job_input:
+        path, body = str(job_input["route"]), job_input.get("body")
+        found = find(core, "GET" if body is None else "POST", path) or find(core, "POST", path)
+        if found is None:
+            raise NotFound(f"route {path!r} is not served; see the route table in README",
+                           param="route")
+        route, model = found
+        return await route.operation(core)(body if body is not None else {}, model)
     if "openai_route" in job_input:
         route = str(job_input["openai_route"]).rstrip("/")
         operation = openai_routes(core).get(route.removeprefix("/openai").removeprefix("/v1"))
@@ -53,7 +63,7 @@ async def dispatch(core: Core, job_input: Any) -> dict[str, Any]:
 
 @dataclass
 class JobResult:
-    output: dict[str, Any] | None = None
+    output: Any = None  # a route's body: an object, or a list for TEI's routes
     error: str | None = None  # the job failed with this message
     status: int = 200  # the HTTP status the same request would have had (for the log line)
 

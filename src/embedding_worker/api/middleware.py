@@ -14,6 +14,7 @@ from typing import Any
 from ..config import Settings
 from ..core.encoding import dumps
 from ..core.errors import APIError, PayloadTooLarge, Unauthorized
+from .routes import dialect_of
 from ..observability.logs import request_log
 
 logger = logging.getLogger("embedding_worker")
@@ -61,7 +62,7 @@ class RequestGuard:
             except APIError as exc:
                 if response_started:
                     raise
-                await _send_error(send_tracking, exc)
+                await _send_error(send_tracking, exc, path)
 
     async def _buffered(self, receive: Any) -> Any:
         """Read a body of unknown length under the cap, then replay it to the app."""
@@ -117,8 +118,8 @@ def _content_length(scope: Scope) -> int | None:
         return None
 
 
-async def _send_error(send: Any, error: APIError) -> None:
-    body = dumps(error.envelope())
+async def _send_error(send: Any, error: APIError, path: str) -> None:
+    body = dumps(error.tei_envelope() if dialect_of(path) == "tei" else error.envelope())
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})

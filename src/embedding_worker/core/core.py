@@ -1,7 +1,7 @@
 """`Core`: the engine, the pipeline and the endpoint families of one process, started together.
 
-Transports call the families (`core.models.list`, `core.embeddings.create`, `core.rerank.create`,
-and the batch items) with parsed JSON bodies and get response dicts back (embeddings as numpy
+Transports call the families (`core.models`, `core.embeddings`, `core.rerank`, `core.classify`,
+`core.tokenize`, and the batch items) or a dialect over them (`core.cohere`, `core.tei`) with parsed JSON bodies and get response dicts back (embeddings as numpy
 rows, see `encoding.dumps`) or an `errors.APIError`. Nothing here knows HTTP or RunPod.
 """
 
@@ -10,11 +10,15 @@ from __future__ import annotations
 from ..config import Settings
 from ..engine import create_engine
 from ..engine.base import Engine
+from .classify import Classify
+from .dialects.cohere import CohereEmbed
+from .dialects.tei import Tei
 from .embed import Embeddings
 from .images import ImageFetcher
 from .models import Models
 from .pipeline import Pipeline
 from .rerank import Rerank
+from .tokenize import Tokenize
 
 
 class Core:
@@ -26,6 +30,11 @@ class Core:
         self.models = Models(settings, self.engine)
         self.embeddings = Embeddings(self.pipeline, self.models, self.images)
         self.rerank = Rerank(self.pipeline, self.models)
+        self.classify = Classify(self.pipeline, self.models)
+        self.tokenize = Tokenize(self.pipeline, self.models)
+        # the dialects beside OpenAI's, over the same families
+        self.cohere = CohereEmbed(self.embeddings, self.models)
+        self.tei = Tei(self.models, self.embeddings, self.rerank, self.classify, self.tokenize)
 
     async def start(self) -> None:
         await self.images.start()

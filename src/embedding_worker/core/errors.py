@@ -1,7 +1,7 @@
 """Every error a client can see, built in one place.
 
-The core raises `APIError`s; HTTP turns them into a status and the OpenAI envelope, RunPod into a
-failed job carrying `message`. Both transports therefore show the same text.
+The core raises `APIError`s; HTTP turns them into a status and the OpenAI envelope (TEI's on
+TEI's routes), RunPod into a failed job carrying `message`. Both transports therefore show the same text.
 """
 
 from __future__ import annotations
@@ -23,6 +23,14 @@ class APIError(Exception):
         self.param = param
         if code is not None:
             self.code = code
+
+    shape: str | None = None  # the dialect whose error body it gets, if not the route's
+
+    def tei_envelope(self) -> dict[str, Any]:
+        """text-embeddings-inference's error body, which huggingface_hub reads (`error`)."""
+        kind = {401: "Unauthorized", 429: "Overloaded", 503: "Unhealthy"}.get(
+            self.status, "Validation" if self.status < 500 else "Backend")
+        return {"error": self.message, "error_type": kind}
 
     def envelope(self) -> dict[str, Any]:
         return {

@@ -21,6 +21,7 @@ CAPABILITY_WORDS = {
 
 class Models:
     def __init__(self, settings: Settings, engine: Engine):
+        self.settings = settings
         self.names = [spec.served_name for spec in settings.models]
         self.engine = engine
         self.started_at = int(time.time())
@@ -51,6 +52,16 @@ class Models:
                 code="capability_not_supported",
             )
         return model
+
+    def default(self, *capabilities: str) -> str:
+        """The first served model (in MODEL_NAMES order) with one of `capabilities`: the model
+        of a request whose dialect names none (TEI, Cohere v1)."""
+        for name in self.names:
+            if self.get(name).info.capabilities & set(capabilities):
+                return name
+        wanted = " or ".join(CAPABILITY_WORDS[c] for c in capabilities)
+        raise BadRequest(f"no served model does {wanted}; served: {', '.join(self.names)}",
+                         param="model", code="capability_not_supported")
 
     def card(self, name: str) -> dict[str, Any]:
         model = self.get(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,13 @@ def sigmoid(scores: Sequence[float]) -> list[float]:
     return (1 / (1 + np.exp(-np.asarray(scores, dtype=np.float64)))).tolist()
 
 
+@dataclass
+class Ranked:
+    scores: list[float]  # per document, in the request's order
+    ranked: list[int]  # document indices, best first
+    tokens: int
+
+
 class Rerank:
     def __init__(self, pipeline: Pipeline, models: Models):
         self.pipeline = pipeline
@@ -28,30 +36,41 @@ class Rerank:
 
     async def create(self, body: Any) -> dict[str, Any]:
         request = parse(RerankRequest, body)
-        limit = self.pipeline.settings.max_rerank_documents
-        if len(request.documents) > limit:
-            raise too_many("documents", len(request.documents), limit, "MAX_RERANK_DOCUMENTS")
-        model = self.models.require(request.model, "rerank")
-        self.pipeline.check_sizes("query", [request.query])
-        self.pipeline.check_sizes("documents", request.documents)
-        async with self.pipeline.admit("rerank", model, len(request.documents)) as served:
-            if not self.pipeline.settings.truncate_inputs:
-                await self.pipeline.check_window(model, "documents", request.documents,
-                                                 request.query)
+        done = await self.scores(request.model, request.query, request.documents,
+                                 raw_scores=request.raw_scores)
+        ranked = done.ranked[: request.top_n] if request.top_n is not None else done.ranked
+        documents = request.documents if request.return_documents else None
+        return schemas.rerank_response(request.model, done.scores, ranked, documents,
+                                       done.tokens)
+
+    async def scores(self, name: str, query: str, documents: list[str], *,
+                     raw_scores: bool = False, truncate: bool | None = None) -> Ranked:
+        """Each document's score for `query` (sigmoid unless `raw_scores`) and the documents'
+        order, best first. `truncate`: None follows TRUNCATE_INPUTS; False refuses a pair over
+        the model's window."""
+        settings = self.pipeline.settings
+        limit = settings.max_rerank_documents
+        if len(documents) > limit:
+            raise too_many("documents", len(documents), limit, "MAX_RERANK_DOCUMENTS")
+        model = self.models.require(name, "rerank")
+        self.pipeline.check_sizes("query", [query])
+        self.pipeline.check_sizes("documents", documents)
+        refuse = not settings.truncate_inputs if truncate is None else not truncate
+        async with self.pipeline.admit("rerank", model, len(documents)) as served:
+            if refuse:
+                await self.pipeline.check_window(model, "documents", documents, query, why=(
+                    "truncate=false" if truncate is False else "TRUNCATE_INPUTS=false"))
             # usage as infinity counts it: query and document as one text
             call = self.pipeline.batched(model, self.batcher(model),
-                                         [(request.query, d) for d in request.documents],
-                                         [request.query + d for d in request.documents])
+                                         [(query, d) for d in documents],
+                                         [query + d for d in documents])
             scores, served.tokens = await self.pipeline.compute(model, call, served)
             # top_n is applied after the fault check: a failed document must not hide behind it
             self.pipeline.raise_faults(model, "documents", scores)
-        if not request.raw_scores:
+        if not raw_scores:
             scores = sigmoid(scores)
         ranked = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)  # stable
-        if request.top_n is not None:
-            ranked = ranked[: request.top_n]
-        documents = request.documents if request.return_documents else None
-        return schemas.rerank_response(request.model, scores, ranked, documents, served.tokens)
+        return Ranked(list(scores), ranked, served.tokens)
 
     async def items(self, items: Sequence[RerankItem]) -> list[float]:
         """Relevance score (sigmoid) per (query, document) batch item; items may differ in

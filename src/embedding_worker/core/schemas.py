@@ -7,6 +7,7 @@ the endpoint families.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ TOKEN_IDS_REFUSED = (
 )
 
 
-def _invalid(message: str) -> PydanticCustomError:
+def invalid(message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid_input", message)
 
 
@@ -53,16 +54,16 @@ def check_texts(value: Any, field: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
     elif not isinstance(value, list):
-        raise _invalid(f"{field}: expected a string or a list of strings, got {type_name(value)}")
+        raise invalid(f"{field}: expected a string or a list of strings, got {type_name(value)}")
     if not value:
-        raise _invalid(f"{field}: must not be empty")
+        raise invalid(f"{field}: must not be empty")
     if _is_token_ids(value):
-        raise _invalid(f"{field}: {TOKEN_IDS_REFUSED}")
+        raise invalid(f"{field}: {TOKEN_IDS_REFUSED}")
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            raise _invalid(f"{field}[{i}]: expected a string, got {type_name(item)}")
+            raise invalid(f"{field}[{i}]: expected a string, got {type_name(item)}")
         if not item.strip():
-            raise _invalid(f"{field}[{i}]: empty string")
+            raise invalid(f"{field}[{i}]: empty string")
     return value
 
 
@@ -72,7 +73,7 @@ def unwrap_texts(value: list[Any], field: str) -> list[Any]:
     for i, item in enumerate(value):
         if isinstance(item, dict):
             if "text" not in item:
-                raise _invalid(f'{field}[{i}]: expected a string or {{"text": ...}}')
+                raise invalid(f'{field}[{i}]: expected a string or {{"text": ...}}')
             item = item["text"]
         out.append(item)
     return out
@@ -103,20 +104,20 @@ def check_inputs(value: Any, field: str, images: bool) -> list[str | Image]:
         elif isinstance(item, dict) and len(item) == 1 and ("text" in item or "image" in item):
             kind, text = next(iter(item.items()))
             if not isinstance(text, str):
-                raise _invalid(f"{field}[{i}].{kind}: expected a string, got {type_name(text)}")
+                raise invalid(f"{field}[{i}].{kind}: expected a string, got {type_name(text)}")
         elif isinstance(item, dict):
-            raise _invalid(f'{field}[{i}]: expected {{"text": ...}} or {{"image": ...}}, got '
+            raise invalid(f'{field}[{i}]: expected {{"text": ...}} or {{"image": ...}}, got '
                            f"the keys {', '.join(sorted(map(str, item))) or 'none'}")
         else:
-            raise _invalid(f"{field}[{i}]: expected a string or an object, got {type_name(item)}")
+            raise invalid(f"{field}[{i}]: expected a string or an object, got {type_name(item)}")
         if not text.strip():
-            raise _invalid(f"{field}[{i}]: empty string")
+            raise invalid(f"{field}[{i}]: empty string")
         is_image = images if isinstance(item, str) else "image" in item
         out.append(Image(text) if is_image else text)
     return out
 
 
-class _Request(BaseModel):
+class RequestBody(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`, extras).
     model_config = ConfigDict(extra="ignore", protected_namespaces=(), populate_by_name=True)
 
@@ -124,23 +125,23 @@ class _Request(BaseModel):
 
 
 # What the validators accept, stated in the OpenAPI document (client generators and fuzzers read it)
-_TEXT = {"type": "string", "minLength": 1, "pattern": r"\S"}
-_TEXTS = {"type": "array", "items": _TEXT, "minItems": 1}
+TEXT_SCHEMA = {"type": "string", "minLength": 1, "pattern": r"\S"}
+TEXTS_SCHEMA = {"type": "array", "items": TEXT_SCHEMA, "minItems": 1}
 
 
-_ITEM = {"anyOf": [_TEXT, {"type": "object", "properties": {"text": _TEXT}, "required": ["text"],
+_ITEM = {"anyOf": [TEXT_SCHEMA, {"type": "object", "properties": {"text": TEXT_SCHEMA}, "required": ["text"],
                            "additionalProperties": False},
-                   {"type": "object", "properties": {"image": _TEXT}, "required": ["image"],
+                   {"type": "object", "properties": {"image": TEXT_SCHEMA}, "required": ["image"],
                     "additionalProperties": False}]}
 
 
-class EmbeddingRequest(_Request):
+class EmbeddingRequest(RequestBody):
     # before `input`, whose validator reads it: it says what plain strings are
     modality: Annotated[str, WithJsonSchema({"type": "string", "enum": list(MODALITIES),
                                              "default": "text"})] = "text"
     # a list of texts and `Image`s after validation; the union documents what is accepted
     input: Annotated[Any, WithJsonSchema(
-        {"anyOf": [_TEXT, {"type": "array", "items": _ITEM, "minItems": 1}]})]
+        {"anyOf": [TEXT_SCHEMA, {"type": "array", "items": _ITEM, "minItems": 1}]})]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
@@ -175,7 +176,7 @@ class EmbeddingRequest(_Request):
         key = value.upper() if field == "truncate" and isinstance(value, str) else value
         if not isinstance(key, str) or key not in accepted:
             shown = [v for v in accepted if v != "base64"]
-            raise _invalid(f"{field}: {value!r} is not supported; expected one of {', '.join(shown)}")
+            raise invalid(f"{field}: {value!r} is not supported; expected one of {', '.join(shown)}")
         return key
 
     @model_validator(mode="after")
@@ -193,7 +194,7 @@ class EmbeddingRequest(_Request):
     @classmethod
     def _late_chunking(cls, value: bool) -> bool:
         if value:
-            raise _invalid("late_chunking: not supported; embed each chunk as its own input")
+            raise invalid("late_chunking: not supported; embed each chunk as its own input")
         return value
 
     @field_validator("modality", mode="before")
@@ -202,13 +203,13 @@ class EmbeddingRequest(_Request):
         if value is None:
             return "text"
         if not isinstance(value, str) or value.lower() not in MODALITIES:
-            raise _invalid(f"modality: {value!r} is not supported; expected one of {', '.join(MODALITIES)}")
+            raise invalid(f"modality: {value!r} is not supported; expected one of {', '.join(MODALITIES)}")
         return value.lower()
 
 
-class RerankRequest(_Request):
-    query: Annotated[str, WithJsonSchema(_TEXT)] = Field(min_length=1)
-    documents: Annotated[list[str], WithJsonSchema(_TEXTS)] = Field(
+class RerankRequest(RequestBody):
+    query: Annotated[str, WithJsonSchema(TEXT_SCHEMA)] = Field(min_length=1)
+    documents: Annotated[list[str], WithJsonSchema(TEXTS_SCHEMA)] = Field(
         validation_alias=AliasChoices("documents", "docs"))
     top_n: int | None = Field(None, ge=1, le=2**31 - 1)
     return_documents: bool = Field(
@@ -220,17 +221,41 @@ class RerankRequest(_Request):
     @classmethod
     def _query(cls, value: str) -> str:
         if not value.strip():
-            raise _invalid("query: empty string")
+            raise invalid("query: empty string")
         return value
 
     @field_validator("documents", mode="before")
     @classmethod
     def _documents(cls, value: Any) -> list[str]:
         if isinstance(value, str):
-            raise _invalid("documents: expected a list of strings, got a single string")
+            raise invalid("documents: expected a list of strings, got a single string")
         if not isinstance(value, list):  # check_texts would say "a string or a list of strings"
-            raise _invalid(f"documents: expected a list of strings, got {type_name(value)}")
+            raise invalid(f"documents: expected a list of strings, got {type_name(value)}")
         return check_texts(unwrap_texts(value, "documents"), "documents")
+
+
+class ClassifyRequest(RequestBody):
+    input: Annotated[str | list[str], WithJsonSchema({"anyOf": [TEXT_SCHEMA, TEXTS_SCHEMA]})]
+    raw_scores: bool = Field(False, description="the model's logits, not probabilities")
+    top_k: int | None = Field(None, ge=1, description="the k best labels per input; default all")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, value: Any) -> list[str]:
+        return check_texts(value, "input")
+
+
+class TokenizeRequest(RequestBody):
+    input: Annotated[str | list[str], WithJsonSchema({"anyOf": [TEXT_SCHEMA, TEXTS_SCHEMA]})]
+    add_special_tokens: bool = True
+    prompt_name: str | None = Field(None, min_length=1, description=(
+        "a prompt of the model put before each text, as embeddings would (default: the "
+        "model's default prompt)"))
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, value: Any) -> list[str]:
+        return check_texts(value, "input")
 
 
 # --- items for the BentoML batchable methods (Bento-to-Bento callers) ---
@@ -258,11 +283,11 @@ class RerankItem(BaseModel):
 # models, which forbid any key they do not declare.
 
 
-class _Response(BaseModel):
+class ResponseBody(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class Usage(_Response):
+class Usage(ResponseBody):
     prompt_tokens: int
     total_tokens: int
 
@@ -271,13 +296,13 @@ def usage(tokens: int) -> dict[str, int]:
     return {"prompt_tokens": int(tokens), "total_tokens": int(tokens)}
 
 
-class EmbeddingData(_Response):
+class EmbeddingData(ResponseBody):
     object: Literal["embedding"] = "embedding"
     embedding: list[float] | list[int] | str  # ints for int8/uint8/binary/ubinary
     index: int
 
 
-class EmbeddingResponse(_Response):
+class EmbeddingResponse(ResponseBody):
     object: Literal["list"] = "list"
     model: str
     data: list[EmbeddingData]
@@ -301,22 +326,35 @@ def embedding_response(model: str, rows: list[Any], tokens: int, prompt_name: st
     return body
 
 
-class RerankDocument(_Response):
+class RerankDocument(ResponseBody):
     text: str
 
 
-class RerankResult(_Response):
+class RerankResult(ResponseBody):
     index: int
     relevance_score: float
     document: RerankDocument | None = None  # absent unless return_documents
 
 
-class RerankResponse(_Response):
+class BilledUnits(ResponseBody):
+    input_tokens: int | None = None
+    images: int | None = None
+    search_units: int | None = None
+
+
+class Meta(ResponseBody):
+    """Cohere's `meta`: what its SDK reads as the request's bill."""
+
+    billed_units: BilledUnits
+
+
+class RerankResponse(ResponseBody):
     object: Literal["rerank"] = "rerank"
     id: str
     model: str
     results: list[RerankResult]
     usage: Usage
+    meta: Meta = Field(description="Cohere's: one search unit per query and 100 documents")
 
 
 def rerank_response(model: str, scores: Sequence[float], ranked: list[int],
@@ -329,16 +367,67 @@ def rerank_response(model: str, scores: Sequence[float], ranked: list[int],
             result["document"] = {"text": documents[i]}
         results.append(result)
     return {"object": "rerank", "id": f"rerank-{uuid.uuid4().hex}", "model": model,
-            "results": results, "usage": usage(tokens)}
+            "results": results, "usage": usage(tokens),
+            "meta": {"billed_units": {"search_units": -(-len(scores) // 100)}}}
 
 
-class ModelStats(_Response):
+class ClassifyLabel(ResponseBody):
+    label: str
+    score: float
+
+
+class ClassifyResponse(ResponseBody):
+    object: Literal["classify"] = "classify"
+    id: str
+    created: int
+    model: str
+    data: list[list[ClassifyLabel]] = Field(description="per input, its labels best first")
+    usage: Usage
+
+
+def labels_json(rows: Sequence[Sequence[tuple[str, float]]]) -> list[list[dict[str, Any]]]:
+    return [[{"label": label, "score": float(score)} for label, score in row] for row in rows]
+
+
+def classify_response(model: str, rows: Sequence[Sequence[tuple[str, float]]],
+                      tokens: int) -> dict[str, Any]:
+    return {"object": "classify", "id": f"classify-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": model, "data": labels_json(rows), "usage": usage(tokens)}
+
+
+class TokenizedText(ResponseBody):
+    object: Literal["tokens"] = "tokens"
+    index: int
+    count: int = Field(description="tokens the model sees, prompt and special tokens included")
+    ids: list[int]
+    tokens: list[str]
+    offsets: list[list[int] | None] = Field(description=(
+        "each token's [start, end) in the input text; null for special and prompt tokens"))
+
+
+class TokenizeResponse(ResponseBody):
+    object: Literal["list"] = "list"
+    model: str
+    window: int | None = Field(description="tokens per input the model takes, special included")
+    prompt_name: str | None = None
+    data: list[TokenizedText]
+
+
+def tokenize_response(model: str, window: int | None, prompt_name: str | None,
+                      items: list[dict[str, Any]]) -> dict[str, Any]:
+    body: dict[str, Any] = {"object": "list", "model": model, "window": window, "data": items}
+    if prompt_name is not None:
+        body["prompt_name"] = prompt_name
+    return body
+
+
+class ModelStats(ResponseBody):
     queue_fraction: float
     queue_absolute: int
     results_pending: int
 
 
-class ModelCard(_Response):
+class ModelCard(ResponseBody):
     id: str
     object: Literal["model"] = "model"
     owned_by: str
@@ -375,7 +464,7 @@ def model_card(info: ModelInfo, queue: QueueStats, created: int) -> dict[str, An
     }
 
 
-class ModelList(_Response):
+class ModelList(ResponseBody):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
@@ -384,32 +473,32 @@ def model_list(cards: list[dict[str, Any]]) -> dict[str, Any]:
     return {"object": "list", "data": cards}
 
 
-class ErrorBody(_Response):
+class ErrorBody(ResponseBody):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
 
 
-class ErrorResponse(_Response):
+class ErrorResponse(ResponseBody):
     error: ErrorBody
 
 
 class RunSyncRequest(BaseModel):
-    """RunPod Standard flavour: `input` is an embedding body, a rerank body, or
-    `{"openai_route", "openai_input"}`."""
+    """RunPod Standard flavour: `input` is `{"route", "body"}` (any route), an embedding body,
+    a rerank body, or `{"openai_route", "openai_input"}`."""
 
     input: dict[str, Any]
 
 
-class RunSyncResponse(_Response):
+class RunSyncResponse(ResponseBody):
     id: str
     status: Literal["COMPLETED", "FAILED"]
-    output: dict[str, Any] | None = None
+    output: dict[str, Any] | list[Any] | None = None
     error: str | None = None
 
 
-def runsync_response(job_id: str, output: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
+def runsync_response(job_id: str, output: Any, error: str | None) -> dict[str, Any]:
     if error is not None:
         return {"id": job_id, "status": "FAILED", "error": error}
     return {"id": job_id, "status": "COMPLETED", "output": output}

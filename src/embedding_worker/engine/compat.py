@@ -206,7 +206,7 @@ def adapt(engine: Any, *, onnx: OnnxModel | None, cpu: bool, guard: FaultGuard) 
     for model in replicas:
         if onnx is not None:
             _fit_onnx(model, onnx, classes["cross_encoder"])
-        raw_vectors = _unnormalised(model, classes)
+        raw_vectors = _unnormalised(model, classes, onnx)
         if isinstance(model, classes["classifier"]):
             labels = _classifier_logits(model)
         if cpu and _groupable(model, text):
@@ -242,9 +242,10 @@ def adapt(engine: Any, *, onnx: OnnxModel | None, cpu: bool, guard: FaultGuard) 
                    raw_vectors=raw_vectors, labels=names, label_activation=activation)
 
 
-def _unnormalised(model: Any, classes: dict[str, tuple[type, ...]]) -> bool:
-    """Make the model's embeddings come as the model computes them (the core normalises them
-    unless a request asks otherwise); False for a class this does not know."""
+def _unnormalised(model: Any, classes: dict[str, tuple[type, ...]], onnx: OnnxModel | None) -> bool:
+    """Make the model's embeddings come as the model computes them, its own Normalize module
+    included (the core normalises them unless a request asks otherwise); False for a class this
+    does not know."""
     if isinstance(model, classes["st_embedder"]):
         if getattr(model, "mode_colbert", False):
             return False
@@ -255,7 +256,8 @@ def _unnormalised(model: Any, classes: dict[str, tuple[type, ...]]) -> bool:
         model.normalize_embeddings = False
         return True
     if isinstance(model, classes["onnx_embedder"]):
-        model.encode_post = types.MethodType(_pooled, model)
+        if onnx is None or not onnx.normalizes:  # else infinity's normalising is the model's
+            model.encode_post = types.MethodType(_pooled, model)
         return True
     if isinstance(model, classes["clip"]):
         normalise = model._normalize_cpu

@@ -55,16 +55,28 @@ POOLING_NAMES = {"mean_tokens": "mean", "cls_token": "cls", "lasttoken": "last_t
                  "max_tokens": "max"}
 
 
+def _modules(source: str) -> list[dict]:
+    """Its sentence-transformers modules (modules.json), [] without them."""
+    modules_file = _find(source, "modules.json")
+    if modules_file is None:
+        return []
+    try:
+        modules = json.loads(modules_file.read_text())
+    except (OSError, ValueError):
+        return []
+    return [m for m in modules if isinstance(m, dict) and isinstance(m.get("type"), str)]
+
+
+def normalizes(source: str) -> bool:
+    """Its sentence-transformers pipeline normalises its vectors itself (a Normalize module)."""
+    return any(m["type"].endswith(".Normalize") for m in _modules(source))
+
+
 def pooling_modes(source: str) -> list[str] | None:
     """The modes its sentence-transformers Pooling module has on (e.g. ["mean_tokens"]); None for
     a model without one (sentence-transformers then pools by mean)."""
-    modules_file = _find(source, "modules.json")
-    if modules_file is None:
-        return None
-    try:
-        modules = json.loads(modules_file.read_text())
-        path = next(m["path"] for m in modules if m["type"].endswith(".Pooling"))
-    except (OSError, ValueError, KeyError, StopIteration):
+    path = next((m.get("path") for m in _modules(source) if m["type"].endswith(".Pooling")), None)
+    if not isinstance(path, str):
         return None
     config_file = _find(source, f"{path}/config.json".lstrip("/"))
     if config_file is None:

@@ -44,6 +44,7 @@ class OnnxModel:
     directory: str
     pooling: str  # infinity PoolingMethod name: "mean" or "cls" (cross-encoders: "auto")
     window: int | None  # sentence-transformers' max_seq_length, when the model has one
+    normalizes: bool = False  # its sentence-transformers modules end in Normalize
 
 
 def onnxruntime_installed() -> bool:
@@ -81,7 +82,8 @@ def prepare(source: str, cache_root: str, found_in: tuple[str, ...] = ()) -> Onn
         task = "text-classification" if cross_encoder else "feature-extraction"
         directory = _export(model_dir, Path(cache_root), task, config.get("model_type", ""),
                             [Path(root) for root in found_in])
-    return OnnxModel(str(directory), pooling, _st_window(model_dir))
+    return OnnxModel(str(directory), pooling, _st_window(model_dir),
+                     normalizes=not cross_encoder and model_config.normalizes(str(model_dir)))
 
 
 def _local_dir(source: str) -> Path:

@@ -1,0 +1,139 @@
+"""Every route of every dialect, in one table: HTTP registers it, RunPod jobs dispatch by it
+(`{"route": path, "body": {...}}`), and error bodies take its dialect's shape.
+
+TEI's routes also answer under `/tei/<served name>`, a base URL per model (TEI serves one model
+and its bodies name none; at the root they take the first model that can do the work).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.core import Core
+from ..core.dialects import cohere, tei
+from ..core.errors import APIError
+from ..core.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelList,
+    RerankRequest,
+    RerankResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+# body, model named by the path (TEI's per-model prefix) or None
+Operation = Callable[[Any, str | None], Awaitable[Any]]
+TEI_PREFIX = "/tei/"
+
+
+@dataclass(frozen=True)
+class Route:
+    paths: tuple[str, ...]  # the first is in the OpenAPI document, the others are aliases
+    operation: Callable[[Core], Operation]
+    request: type | None  # the body's model; None for a GET
+    response: Any
+    dialect: str = "openai"
+    per_model: bool = False  # TEI's: also under /tei/<served name>
+
+    @property
+    def method(self) -> str:
+        return "GET" if self.request is None else "POST"
+
+
+def _plain(get: Callable[[Core], Callable[[Any], Awaitable[Any]]]) -> Callable[[Core], Operation]:
+    """An operation whose route names no model."""
+    return lambda core: (lambda body, _model: get(core)(body))
+
+
+def is_tei_rerank(body: Any) -> bool:
+    return isinstance(body, dict) and "texts" in body and "documents" not in body
+
+
+def _rerank(core: Core) -> Operation:
+    """`/rerank` is both the rerank family's alias and TEI's route: TEI's body (`texts`) gets
+    TEI's answer, and TEI's error body."""
+
+    async def run(body: Any, model: str | None) -> Any:
+        if not is_tei_rerank(body):
+            return await core.rerank.create(body)
+        try:
+            return await core.tei.rerank(body, model)
+        except APIError as exc:
+            exc.shape = "tei"
+            raise
+
+    return run
+
+
+def _health(core: Core) -> Operation:
+    async def run(_body: Any, model: str | None) -> dict[str, Any]:
+        core.models.get(model or core.models.names[0])  # 503 with the reason unless ready
+        return {}
+
+    return run
+
+
+ROUTES = (
+    # OpenAI, with Jina's and Infinity's fields; /openai/v1/...: RunPod's OpenAI proxy path
+    Route(("/v1/embeddings", "/embeddings", "/openai/v1/embeddings"),
+          _plain(lambda c: c.embeddings.create), EmbeddingRequest, EmbeddingResponse),
+    Route(("/v1/rerank", "/v2/rerank", "/openai/v1/rerank"), _plain(lambda c: c.rerank.create),
+          RerankRequest, RerankResponse),
+    Route(("/rerank",), _rerank, RerankRequest, RerankResponse | list[tei.TeiRank]),
+    Route(("/v1/models", "/models", "/openai/v1/models"), _plain(lambda c: c.models.list), None,
+          ModelList),
+    Route(("/v1/classify", "/classify"), _plain(lambda c: c.classify.create), ClassifyRequest,
+          ClassifyResponse),
+    Route(("/v1/tokenize",), _plain(lambda c: c.tokenize.create), TokenizeRequest,
+          TokenizeResponse),
+    # Cohere
+    Route(("/v2/embed",), _plain(lambda c: c.cohere.v2), cohere.CohereEmbedRequest,
+          cohere.CohereEmbedByTypeResponse, "cohere"),
+    Route(("/v1/embed",), _plain(lambda c: c.cohere.v1), cohere.CohereEmbedRequest,
+          cohere.CohereEmbedByTypeResponse | cohere.CohereEmbedFloatsResponse, "cohere"),
+    # text-embeddings-inference
+    Route(("/embed",), lambda c: c.tei.embed, tei.TeiEmbedRequest, list[list[float]], "tei", True),
+    Route(("/predict",), lambda c: c.tei.predict, tei.TeiPredictRequest,
+          list[tei.TeiLabel] | list[list[tei.TeiLabel]], "tei", True),
+    Route(("/tokenize",), lambda c: c.tei.tokenize, tei.TeiTokenizeRequest,
+          list[list[tei.TeiToken]], "tei", True),
+    Route(("/decode",), lambda c: c.tei.decode, tei.TeiDecodeRequest, list[str], "tei", True),
+    Route(("/info",), lambda c: c.tei.info, None, tei.TeiInfo, "tei", True),
+    Route(("/health",), _health, None, dict[str, Any], "tei", True),
+    Route(("/",), lambda c: c.tei.root, tei.TeiEmbedRequest,
+          list[list[float]] | list[tei.TeiRank] | list[list[tei.TeiLabel]], "tei", True),
+)
+TEI_ROUTES = {f"{TEI_PREFIX}{{model:path}}{path.rstrip('/')}": route
+              for route in ROUTES if route.per_model for path in route.paths}
+
+
+def dialect_of(path: str) -> str:
+    """Whose error body a path gets (before its body is read)."""
+    if path.startswith(TEI_PREFIX):
+        return "tei"
+    for route in ROUTES:
+        if path in route.paths:
+            return route.dialect
+    return "openai"
+
+
+def find(core: Core, method: str, path: str) -> tuple[Route, str | None] | None:
+    """The route for `method path` and the model its path names (RunPod jobs' `route`)."""
+    path = path.rstrip("/") or "/"
+    for route in ROUTES:
+        if path in route.paths and route.method == method:
+            return route, None
+    if path.startswith(TEI_PREFIX):
+        rest = path[len(TEI_PREFIX):]
+        for name in sorted(core.models.names, key=len, reverse=True):
+            if rest == name or rest.startswith(name + "/"):
+                tail = rest[len(name):] or "/"
+                for route in ROUTES:
+                    if route.per_model and tail in route.paths and route.method == method:
+                        return route, name
+    return None
