@@ -53,7 +53,7 @@ _MAX_PADDING = 0.1
 _PADDING_SLACK = 256
 
 
-class RequestBody:
+class _Request:
     __slots__ = ("rows", "remaining", "future")
 
     def __init__(self, size: int, future: asyncio.Future):
@@ -65,7 +65,7 @@ class RequestBody:
 class _Item:
     __slots__ = ("value", "length", "request", "index")
 
-    def __init__(self, value: Any, length: int, request: RequestBody, index: int):
+    def __init__(self, value: Any, length: int, request: _Request, index: int):
         self.value = value
         self.length = length
         self.request = request
@@ -119,7 +119,7 @@ class LengthBatcher:
             return []
         if not self.in_flight and not self._waiting and len(inputs) <= self.max_items:
             return await self._alone(inputs)
-        request = RequestBody(len(inputs), asyncio.get_running_loop().create_future())
+        request = _Request(len(inputs), asyncio.get_running_loop().create_future())
         length = self._length
         self._waiting.extend(_Item(value, length(value), request, i) for i, value in enumerate(inputs))
         self._dispatch()
