@@ -23,3 +23,11 @@ def texts(vocab_file: str, n: int, seed: int = 0) -> list[str]:
         sentence = " ".join(rng.choice(words) for _ in range(length))
         out.append(sentence.capitalize() + ("?" if length < 13 else "."))
     return out
+
+
+def fixed_tokens(vocab_file: str, n: int, tokens: int, seed: int = 0) -> list[str]:
+    """Texts of `tokens` tokens each for a BERT tokenizer with this vocabulary, [CLS] and [SEP]
+    included: every word is a whole entry of the vocabulary, so one token."""
+    rng = random.Random(seed)
+    words = _words(vocab_file)
+    return [" ".join(rng.choice(words) for _ in range(tokens - 2)) for _ in range(n)]
