@@ -41,6 +41,7 @@ from embedding_worker.core.images import (
 from embedding_worker.core.pipeline import parse
 from embedding_worker.core.schemas import (
     MODALITIES,
+    Image,
     EmbeddingRequest,
     EmbedItem,
     RerankItem,
@@ -99,7 +100,8 @@ modalities = st.none() | st.sampled_from(MODALITIES).flatmap(
 )
 
 EMBED_FIELDS = {"model", "input", "modality", "encoding_format", "dimensions", "user", "prompt_name",
-                "input_type", "task", "output_dtype", "embedding_type", "truncate"}
+                "input_type", "task", "output_dtype", "embedding_type", "truncate", "normalized",
+                "normalize", "late_chunking"}
 RERANK_FIELDS = {"model", "query", "documents", "docs", "top_n", "return_documents", "return_docs", "raw_scores"}
 CANONICAL = {"docs": "documents", "return_docs": "return_documents"}
 extras = st.dictionaries(
@@ -296,7 +298,9 @@ def test_valid_embedding_bodies_parse_and_round_trip(body):
     request = parse(EmbeddingRequest, body)
     sent = body["input"]
     assert request.model == body["model"]
-    assert request.input == ([sent] if isinstance(sent, str) else sent)
+    sent = [sent] if isinstance(sent, str) else sent
+    image = (body.get("modality") or "text").lower() == "image"
+    assert request.input == ([Image(url) for url in sent] if image else sent)
     assert request.encoding_format == body.get("encoding_format", "float")
     assert request.dimensions == body.get("dimensions")
     assert request.modality == (body.get("modality") or "text").lower()
@@ -394,7 +398,9 @@ def test_parse_returns_a_model_or_raises_bad_request(body):
             continue
         assert isinstance(result, model)
         if model is EmbeddingRequest:
-            assert result.input and all(isinstance(t, str) and t.strip() for t in result.input)
+            assert result.input and all(
+                (isinstance(t, str) and t.strip()) or (isinstance(t, Image) and t.url.strip())
+                for t in result.input)
             assert result.dimensions is None or result.dimensions >= 1
             assert result.modality in MODALITIES
         elif model is RerankRequest:

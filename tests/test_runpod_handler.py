@@ -99,7 +99,7 @@ async def test_seed_rerank_standard_and_openai(handler):
     ({"model": MINILM, "input": "x", "modality": "audio"}, "modality 'audio' is not supported yet"),
     ({"openai_route": "/v1/chat/completions", "openai_input": {}}, "openai_route '/v1/chat/completions' is not supported"),
     ({"openai_route": "/v1/embeddings"}, "model: field required"),
-    ({"prompt": "hello"}, 'unrecognised job input; expected {"openai_route"'),
+    ({"prompt": "hello"}, 'unrecognised job input; expected {"route"'),
     (None, "job input must be a JSON object"),
     ("just a string", "job input must be a JSON object"),
 ])

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     WithJsonSchema,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -189,6 +190,11 @@ class EmbeddingRequest(RequestBody):
     @classmethod
     def _input(cls, value: Any, info: Any) -> list[str | Image]:
         return check_inputs(value, "input", images=info.data.get("modality") == "image")
+
+    @field_serializer("input")
+    def _dump_input(self, value: list[str | Image]) -> list[Any]:
+        """Images as Jina's `{"image": ...}`, so that a dumped request parses back the same."""
+        return [{"image": item.url} if isinstance(item, Image) else item for item in value]
 
     @field_validator("late_chunking")
     @classmethod
