@@ -116,6 +116,24 @@ def test_cohere_v1_embed_floats_and_by_type(server, oai):
     assert by_type.embeddings.int8 == typed_vectors(server, MINILM, TEXTS, "int8")
 
 
+def test_cohere_max_tokens_truncates_or_refuses(server, oai):
+    text = "one two three four five six seven"
+    body = {"model": MINILM, "texts": [text], "input_type": "search_query", "max_tokens": 5,
+            "embedding_types": ["float"]}
+    end = post(server, "/v2/embed", body).json()
+    # 5 tokens with [CLS] and [SEP]: three words kept, from the start or (START) from the end
+    np.testing.assert_allclose(end["embeddings"]["float"],
+                               openai_vectors(oai, MINILM, ["one two three"])[0], atol=1e-6)
+    start = post(server, "/v2/embed", {**body, "truncate": "START"}).json()
+    np.testing.assert_allclose(start["embeddings"]["float"],
+                               openai_vectors(oai, MINILM, ["five six seven"])[0], atol=1e-6)
+    assert end["meta"]["warnings"] == [
+        f"input_type 'search_query': model '{MINILM}' has no prompt for it; none applied"]
+    refused = post(server, "/v2/embed", {**body, "truncate": "NONE"})
+    assert refused.status_code == 400
+    assert "texts[0]: it is 9 tokens, over max_tokens=5" in refused.json()["error"]["message"]
+
+
 def test_cohere_v1_embed_without_a_model_takes_the_first_embedder(server, oai):
     result = post(server, "/v1/embed", {"texts": TEXTS[:1]}).json()
     np.testing.assert_allclose(result["embeddings"], openai_vectors(oai, MINILM, TEXTS[:1])[0],
@@ -339,6 +357,15 @@ def test_a_classifier_fault_fails_only_its_request(server):
     assert long.status_code == 500 and long.json()["error"]["code"] == "model_error"
     short = post(server, "/v1/classify", {"model": "tiny-classify-faulty", "input": ["fine"]})
     assert short.status_code == 200
+
+
+def test_tokenize_counts_the_prompt(client):
+    result = client.post("/v1/tokenize", json={"model": MINILM, "input": "hello",
+                                               "prompt_name": "query"}).json()
+    assert result["prompt_name"] == "query"
+    item = result["data"][0]
+    assert item["tokens"] == ["[CLS]", "query", ":", "hello", "[SEP]"] and item["count"] == 5
+    assert item["offsets"] == [None, None, None, [0, 5], None]  # into the text as sent
 
 
 def test_tokenize_equals_the_tokenizer_with_the_window(server):

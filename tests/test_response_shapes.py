@@ -4,8 +4,11 @@ validated against the model that documents it (the models forbid undeclared keys
 from __future__ import annotations
 
 import pytest
+from pydantic import TypeAdapter
 
 from conftest import MINILM
+from embedding_worker.api.routes import ROUTES
+from embedding_worker.core.dialects.tei import TeiError
 from embedding_worker.core.schemas import (
     EmbeddingResponse,
     ErrorResponse,
@@ -70,3 +73,50 @@ def test_an_undeclared_key_would_be_caught():
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         ErrorResponse.model_validate_json(
             b'{"error": {"message": "m", "type": "t", "param": null, "code": null, "extra": 1}}')
+
+
+def declared(path: str) -> TypeAdapter:
+    """The response type the route table documents for `path`."""
+    return TypeAdapter(next(route.response for route in ROUTES if path in route.paths))
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("post", "/v2/embed", {"model": MINILM, "texts": ["a"], "input_type": "search_query",
+                           "embedding_types": ["float", "int8", "ubinary", "base64"]}),
+    ("post", "/v1/embed", {"model": MINILM, "texts": ["a"]}),
+    ("post", "/v1/embed", {"texts": ["a"], "embedding_types": ["binary"]}),
+    ("post", "/v1/tokenize", {"model": MINILM, "input": ["a b", "c"], "prompt_name": None}),
+    ("post", "/v1/tokenize", {"model": MINILM, "input": "a", "prompt_name": "query"}),
+    ("post", "/embed", {"inputs": ["a", "b"], "normalize": True}),
+    ("post", "/rerank", {"query": "q", "texts": DOCS, "return_text": True}),
+    ("post", "/rerank", {"model": "tiny-rerank", "query": "q", "documents": DOCS}),
+    ("post", "/tokenize", {"inputs": "a b"}),
+    ("post", "/decode", {"ids": [[101, 102], [7592]]}),
+    ("post", "/", {"inputs": "a"}),
+    ("post", "/", {"query": "q", "texts": DOCS}),
+    ("get", "/info", None),
+    ("get", "/health", None),
+])
+def test_dialect_routes(client, method, path, body):
+    response = getattr(client, method)(path, **({} if body is None else {"json": body}))
+    assert response.status_code == 200, response.text
+    declared(path).validate_json(response.content)
+
+
+@pytest.mark.parametrize("path, body, status", [
+    ("/embed", {"inputs": []}, 400),
+    ("/predict", {"inputs": "x"}, 400),  # no classifier served here
+    ("/tei/nope/embed", {"inputs": "x"}, 404),
+    ("/rerank", {"query": "q", "texts": "not a list"}, 400),
+])
+def test_tei_errors(client, path, body, status):
+    response = client.post(path, json=body)
+    assert response.status_code == status
+    TeiError.model_validate_json(response.content)
+
+
+def test_cohere_errors_are_openai_envelopes(client):
+    response = client.post("/v2/embed", json={"model": MINILM, "texts": ["a"], "images": ["b"]})
+    assert response.status_code == 400
+    assert "exactly one of texts, images, inputs" in ErrorResponse.model_validate_json(
+        response.content).error.message

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.core import Core
 from ..core.encoding import dumps
+from ..core.dialects.tei import TeiError
 from ..core.errors import APIError, BadRequest, InternalError, MethodNotAllowed, NotFound
 from ..core.schemas import ErrorResponse, RunSyncRequest, RunSyncResponse, runsync_response
 from ..observability.logs import annotate
@@ -111,6 +112,18 @@ _ERRORS = {
 }
 
 
+# TEI's routes answer errors in TEI's shape; `/rerank` in either (the body decides)
+_TEI_ERRORS = {status: {**doc, "model": TeiError} for status, doc in _ERRORS.items()}
+_EITHER_ERRORS = {status: {**doc, "model": ErrorResponse | TeiError}
+                  for status, doc in _ERRORS.items()}
+
+
+def _errors_of(route: Route) -> dict[int, dict[str, Any]]:
+    if route.dialect == "tei":
+        return _TEI_ERRORS
+    return _EITHER_ERRORS if route.paths == ("/rerank",) else _ERRORS
+
+
 def create_app(core: Core) -> FastAPI:
     app = FastAPI(
         title="infinity-embedding-worker",
@@ -160,7 +173,7 @@ def create_app(core: Core) -> FastAPI:
                                     "description": "a served model's name (may contain /)",
                                     "schema": {"type": "string"}}]
         app.add_api_route(path, endpoint, methods=[route.method], response_model=route.response,
-                          responses=_ERRORS, openapi_extra=extra or None,
+                          responses=_errors_of(route), openapi_extra=extra or None,
                           include_in_schema=documented, name=path,
                           tags=[route.dialect])
 

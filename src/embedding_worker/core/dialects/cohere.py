@@ -6,6 +6,7 @@ The body becomes an `EmbedJob`; the vectors come back once and are encoded per r
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -128,7 +129,7 @@ def _content(inputs: list[dict[str, Any]]) -> list[str | Image]:
 
 
 class EmbeddingsByType(ResponseBody):
-    float: list[list[float]] | None = None
+    float: list[list[builtins.float]] | None = None  # Cohere's key shadows the type here
     int8: list[list[int]] | None = None
     uint8: list[list[int]] | None = None
     binary: list[list[int]] | None = None
@@ -139,6 +140,7 @@ class EmbeddingsByType(ResponseBody):
 class CohereMeta(ResponseBody):
     api_version: dict[str, str]
     billed_units: BilledUnits
+    warnings: list[str] | None = None  # e.g. an input_type the model has no prompt for
 
 
 class CohereEmbedByTypeResponse(ResponseBody):
@@ -212,4 +214,7 @@ def _meta(done: Embedded, version: str) -> dict[str, Any]:
     billed: dict[str, int] = {"input_tokens": done.tokens}
     if done.images:
         billed["images"] = done.images
-    return {"api_version": {"version": version}, "billed_units": billed}
+    meta: dict[str, Any] = {"api_version": {"version": version}, "billed_units": billed}
+    if done.prompt.note is not None:
+        meta["warnings"] = [done.prompt.note]
+    return meta

@@ -266,6 +266,13 @@ class TeiToken(ResponseBody):
     stop: int | None
 
 
+class TeiError(ResponseBody):
+    """TEI's error body (huggingface_hub shows `error`)."""
+
+    error: str
+    error_type: str
+
+
 class TeiInfo(BaseModel):  # open: TEI adds fields between versions
     model_id: str
     model_dtype: str
