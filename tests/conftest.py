@@ -27,7 +27,12 @@ os.environ.setdefault("ONNX_CACHE", os.path.join(SCRATCH_CACHE, "infinity-embedd
 from embedding_worker.config import BUNDLED_MODEL_ID, Settings, bundled_model_path  # noqa: E402
 from embedding_worker.core.core import Core  # noqa: E402
 from imagehost import ImageHost  # noqa: E402
-from models import make_tiny_clip, make_tiny_embedder, make_tiny_reranker  # noqa: E402
+from models import (  # noqa: E402
+    make_tiny_classifier,
+    make_tiny_clip,
+    make_tiny_embedder,
+    make_tiny_reranker,
+)
 
 MINILM = BUNDLED_MODEL_ID
 
@@ -63,6 +68,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         "embed": make_tiny_embedder(root / "tiny-embed"),
         "rerank": make_tiny_reranker(root / "tiny-rerank"),
         "clip": make_tiny_clip(root / "tiny-clip"),
+        "classify": make_tiny_classifier(root / "tiny-classify"),
     }
 
 

@@ -50,7 +50,7 @@ from server import BentoServer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-SERVED = ("tiny-embed", "tiny-rerank", "tiny-clip")
+SERVED = ("tiny-embed", "tiny-rerank", "tiny-clip", "tiny-classify")
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
 # the one intentional 5xx: a documented 501 for modality=audio
@@ -64,7 +64,17 @@ BUDGET_S = {
     "POST /v1/rerank": 35 * _SCALE,
     "POST /runsync": 35 * _SCALE,
     "GET /v1/models": 10 * _SCALE,
+    # the other dialects' routes share the families' code: shorter budgets
+    **{f"POST {path}": 5 * _SCALE for path in (
+        "/v1/classify", "/v1/tokenize", "/v2/embed", "/v1/embed", "/rerank", "/embed",
+        "/predict", "/tokenize", "/decode", "/")},
+    **{f"POST /tei/{{model}}{path}": 2 * _SCALE for path in (
+        "/embed", "/predict", "/tokenize", "/decode", "")},
+    **{f"GET {path}": 2 * _SCALE for path in (
+        "/info", "/health", "/tei/{model}/info", "/tei/{model}/health")},
 }
+# where the steering checks that the engines were reached, not only validation
+ENGINE_REACHED = ("POST /v1/embeddings", "POST /v1/rerank", "POST /runsync")
 MAX_EXAMPLES = 100_000  # per mode: the time budget is what stops a run
 SEED = os.environ.get("FUZZ_SEED")
 
@@ -72,7 +82,7 @@ SEED = os.environ.get("FUZZ_SEED")
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
     srv = BentoServer({
-        "MODEL_NAMES": ";".join(str(tiny_models[k]) for k in ("embed", "rerank", "clip")),
+        "MODEL_NAMES": ";".join(str(tiny_models[k]) for k in ("embed", "rerank", "clip", "classify")),
         "SERVED_MODEL_NAMES": ";".join(SERVED),
         "BATCH_SIZES": "8",
         # small limits, so that generated lists cross them (413) as well as stay under
@@ -149,6 +159,9 @@ def steered(draw, op, mode: GenerationMode, job_inputs: st.SearchStrategy | None
     operation, sometimes one that lacks the capability); /runsync jobs get
     embedding or rerank bodies (bare, or as openai_input) half of the time."""
     case = draw(op.as_strategy(generation_mode=mode))
+    if isinstance(case.path_parameters, dict) and "model" in case.path_parameters \
+            and draw(st.integers(0, 3)):
+        case.path_parameters["model"] = draw(st.sampled_from(SERVED))
     body = case.body
     if job_inputs is not None and isinstance(body, dict) and draw(st.booleans()):
         body["input"] = draw(job_inputs)
@@ -156,7 +169,9 @@ def steered(draw, op, mode: GenerationMode, job_inputs: st.SearchStrategy | None
     if isinstance(target, dict) and isinstance(target.get("openai_input"), dict):
         target = target["openai_input"]
     if isinstance(target, dict) and draw(st.integers(0, 3)):
-        fitting = "tiny-rerank" if "query" in target else "tiny-embed"
+        label = op.label
+        fitting = ("tiny-classify" if "classify" in label or "predict" in label else
+                   "tiny-rerank" if "query" in target else "tiny-embed")
         target["model"] = draw(st.one_of(st.just(fitting), st.sampled_from(SERVED)))
         if draw(st.integers(0, 3)) == 0:
             target["modality"] = draw(st.sampled_from(["text", "image", "audio", "TEXT"]))
@@ -324,6 +339,6 @@ def test_responses_conform_to_the_openapi_document(schema, server, label):
         f"{fuzzer.report()}\n\nserver tracebacks meanwhile (distinct, last lines):\n"
         + "\n".join(tracebacks(server.logs()[log_start:]))
     )
-    if label != "GET /v1/models":
+    if label in ENGINE_REACHED:
         # the steering must reach the engines, not only the validation paths
         assert fuzzer.completed >= 10, dict(fuzzer.statuses)

@@ -4,7 +4,7 @@
 
 TEI serves one model and its bodies name none. Here each operation takes the model the route
 names (`/tei/<served name>/...`: a base URL per model), or else the first served model that can
-do it (MODEL_NAMES order). `huggingface_hub` nests its options in `parameters`; they are read
+do it (MODEL_NAMES order); a body may also name it (`model`, not TEI's). `huggingface_hub` nests its options in `parameters`; they are read
 as if they stood at the top level.
 """
 
@@ -38,7 +38,10 @@ INPUTS = {"anyOf": [TEXT_SCHEMA, TEXTS_SCHEMA]}
 
 
 class TeiRequest(RequestBody):
-    model: str | None = None  # not TEI's: the route names the model
+    # not TEI's: another way than the /tei/<name> path to pick a served model
+    model: str | None = Field(None, min_length=1, description=(
+        "a served model (not in TEI's API); default: the one the path names, else the first "
+        "served model that can do it"))
 
     @classmethod
     def from_body(cls, body: Any) -> Any:
@@ -120,8 +123,11 @@ class TeiTokenizeRequest(TeiRequest):
         return check_texts(value, "inputs")
 
 
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
 class TeiDecodeRequest(TeiRequest):
-    ids: list[int] | list[list[int]]
+    ids: list[TokenId] | list[list[TokenId]]
     skip_special_tokens: bool = True
 
     @field_validator("ids", mode="before")
@@ -150,7 +156,7 @@ class Tei:
 
     async def embed(self, body: Any, model: str | None = None) -> list[Any]:
         request = TeiEmbedRequest.from_body(body)
-        name = self._model(model, "embed")
+        name = self._model(model or request.model, "embed")
         done = await self.embeddings.compute(EmbedJob(
             model=name, inputs=request.inputs, field="inputs", prompt_name=request.prompt_name,
             truncate=request.truncation(), dimensions=request.dimensions,
@@ -159,7 +165,7 @@ class Tei:
 
     async def rerank(self, body: Any, model: str | None = None) -> list[dict[str, Any]]:
         request = TeiRerankRequest.from_body(body)
-        name = self._model(model, "rerank")
+        name = self._model(model or request.model, "rerank")
         done = await self.rerank_family.scores(name, request.query, request.texts,
                                                raw_scores=request.raw_scores,
                                                truncate=request.truncate)
@@ -175,7 +181,7 @@ class Tei:
         """One input string: its labels; a list: labels per input (`nested`: always per input,
         as huggingface_hub's text_classification reads `POST /`)."""
         request = TeiPredictRequest.from_body(body)
-        name = self._model(model, "classify")
+        name = self._model(model or request.model, "classify")
         raw = request.raw_scores or request.function_to_apply == "none"
         if request.function_to_apply in ("softmax", "sigmoid"):
             expected = self.models.get(name).info.label_activation
@@ -190,7 +196,7 @@ class Tei:
 
     async def tokenize(self, body: Any, model: str | None = None) -> list[list[dict[str, Any]]]:
         request = TeiTokenizeRequest.from_body(body)
-        name = model or self.models.names[0]
+        name = model or request.model or self.models.names[0]
         done = await self.tokenize_family.tokens(name, request.inputs, request.add_special_tokens,
                                                  request.prompt_name, field="inputs")
         out = []
@@ -205,15 +211,17 @@ class Tei:
     async def decode(self, body: Any, model: str | None = None) -> list[str]:
         request = TeiDecodeRequest.from_body(body)
         ids = request.ids if isinstance(request.ids[0], list) else [request.ids]
-        return await self.tokenize_family.decode(model or self.models.names[0], ids,  # type: ignore[arg-type]
-                                                 request.skip_special_tokens)
+        return await self.tokenize_family.decode(model or request.model or self.models.names[0],
+                                                 ids, request.skip_special_tokens)  # type: ignore[arg-type]
 
     async def root(self, body: Any, model: str | None = None) -> list[Any]:
         """`POST /`: TEI's route by the model's kind. A body with `query` and `texts` reranks;
         otherwise the model (named, else the first that embeds or classifies) decides."""
         if isinstance(body, dict) and "query" in body and "texts" in body:
             return await self.rerank(body, model)
-        name = model or self.models.default("embed", "classify")
+        named = body.get("model") if isinstance(body, dict) else None
+        name = model or (named if isinstance(named, str) and named else None) \
+            or self.models.default("embed", "classify")
         if "embed" in self.models.get(name).info.capabilities:
             return await self.embed(body, name)
         if "classify" in self.models.get(name).info.capabilities:
