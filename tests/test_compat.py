@@ -15,15 +15,27 @@ from embedding_worker.engine.base import Heartbeat
 from embedding_worker.engine.fault_guard import FaultGuard
 
 
-@pytest.fixture
-async def infinity_engine(tiny_models):
-    """A real infinity engine on the tiny embedder, started but not adapted."""
+async def started(path):
     from infinity_emb import AsyncEngineArray, EngineArgs
 
     array = AsyncEngineArray.from_args([EngineArgs(
-        model_name_or_path=str(tiny_models["embed"]), engine="torch", device="cpu",
+        model_name_or_path=str(path), engine="torch", device="cpu",
         lengths_via_tokenize=True, bettertransformer=False, model_warmup=False)])
     await array.astart()
+    return array
+
+
+@pytest.fixture
+async def infinity_engine(tiny_models):
+    """A real infinity engine on the tiny embedder, started but not adapted."""
+    array = await started(tiny_models["embed"])
+    yield array[0]
+    await array.astop()
+
+
+@pytest.fixture
+async def classifier_engine(tiny_models):
+    array = await started(tiny_models["classify"])
     yield array[0]
     await array.astop()
 
@@ -54,6 +66,27 @@ async def test_a_missing_or_changed_attribute_is_named(infinity_engine, breakage
         adapt(infinity_engine)
     assert "was written for infinity-emb 0.0.78" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+async def test_the_embedder_gives_its_own_vectors(infinity_engine):
+    assert adapt(infinity_engine).raw_vectors  # the tiny embedder's modules normalise already
+    vectors, _ = await infinity_engine.embed(sentences=["a text"])
+    assert abs(float((vectors[0] ** 2).sum()) - 1) < 1e-5
+
+
+async def test_the_classifier_gives_logits_in_label_order(classifier_engine):
+    adapted = adapt(classifier_engine)
+    assert adapted.labels == ("negative", "neutral", "positive")
+    assert adapted.label_activation == "softmax" and adapted.window == 512
+    rows, usage = await classifier_engine.classify(sentences=["one text"], raw_scores=True)
+    assert rows[0].shape == (3,) and usage == 2
+    assert not abs(float(rows[0].sum()) - 1) < 1e-3  # logits, not probabilities
+
+
+async def test_a_changed_classifier_is_named(classifier_engine):
+    del classifier_engine._model_replicas[0]._pipe
+    with pytest.raises(compat.IncompatibleInfinity, match=r"SentenceClassifier\._pipe is missing"):
+        adapt(classifier_engine)
 
 
 def test_a_missing_module_attribute_is_named(monkeypatch):
