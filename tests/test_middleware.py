@@ -140,3 +140,17 @@ def test_a_stray_separator_in_api_key_never_admits_an_empty_token(configured):
     for header in ("Bearer", "Bearer ", "bearer   "):
         assert client.post("/v1/embeddings", headers={"Authorization": header}).status_code == 401
     assert client.post("/v1/embeddings", headers={"Authorization": "Bearer secret"}).status_code == 200
+
+
+@pytest.mark.parametrize("path, shape", [("/embed", "tei"), ("/tei/some/model/predict", "tei"),
+                                         ("/v2/embed", "openai"), ("/rerank", "openai")])
+def test_guard_errors_take_the_routes_dialect(guarded, path, shape):
+    """A TEI route's 401 is TEI's body (huggingface_hub shows `error`); Cohere's SDK reads
+    the OpenAI envelope. `/rerank` is both, and the guard has not read the body: OpenAI's."""
+    r = guarded.post(path, json={})
+    assert r.status_code == 401
+    if shape == "tei":
+        assert r.json() == {"error": "missing or invalid API key; send the header "
+                                     "`Authorization: Bearer <key>`", "error_type": "Unauthorized"}
+    else:
+        assert r.json()["error"]["code"] == "invalid_api_key"
