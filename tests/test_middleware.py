@@ -154,3 +154,9 @@ def test_guard_errors_take_the_routes_dialect(guarded, path, shape):
                                      "`Authorization: Bearer <key>`", "error_type": "Unauthorized"}
     else:
         assert r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_path_with_a_control_character_gets_the_envelope(guarded):
+    r = guarded.post("/tei/a%0Ab/predict", json={}, headers={"Authorization": "Bearer first-key"})
+    assert r.status_code == 404
+    assert r.json() == {"error": "no route POST '/tei/a\\nb/predict'", "error_type": "Validation"}

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import Settings
 from ..core.encoding import dumps
-from ..core.errors import APIError, PayloadTooLarge, Unauthorized
+from ..core.errors import APIError, NotFound, PayloadTooLarge, Unauthorized
 from .routes import dialect_of
 from ..observability.logs import request_log
 
@@ -53,6 +53,10 @@ class RequestGuard:
                     raise Unauthorized(
                         "missing or invalid API key; send the header `Authorization: Bearer <key>`"
                     )
+                if any(ord(char) < 32 for char in path):
+                    # no route matches a control character (routers' patterns stop at a newline),
+                    # and BentoML's own 404 would be plain text
+                    raise NotFound(f"no route {scope['method']} {path!r}")
                 declared = _content_length(scope)
                 if declared is not None and declared > self.max_bytes:
                     raise self._too_large(declared)
