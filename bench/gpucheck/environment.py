@@ -12,14 +12,13 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-EXPECTED_PYTHON = (3, 12)  # the wheels' tag (bench/gpu-wheels --python changes it)
 
 
 def probe(manifest: Path | None) -> dict:
     import torch
 
     info = {"python": platform.python_version(), "executable": sys.executable,
-            "expected_python": ".".join(map(str, EXPECTED_PYTHON)),
+            "expected_python": "3.12",  # the wheels' (bench/gpu-wheels --python), as carried
             "torch": torch.__version__, "cuda": torch.cuda.is_available(),
             "cores": __import__("os").cpu_count()}
     if torch.cuda.is_available():
@@ -28,13 +27,16 @@ def probe(manifest: Path | None) -> dict:
                     capability=".".join(map(str, torch.cuda.get_device_capability(0))),
                     bf16=torch.cuda.is_bf16_supported(), cuda_runtime=torch.version.cuda)
     if manifest is not None and manifest.exists():
-        info["box_pins"] = box_pins(json.loads(manifest.read_text())["from_the_box"])
+        carried = json.loads(manifest.read_text())
+        info["expected_python"] = carried["python"]
+        info["box_pins"] = box_pins(carried["from_the_box"], carried.get("kept_despite_pins", {}))
     return info
 
 
-def box_pins(wanted: dict[str, dict[str, str]]) -> dict[str, list]:
+def box_pins(wanted: dict[str, dict[str, str]], kept: dict[str, str]) -> dict[str, list]:
     """The distributions the check takes from this machine: missing ones, and the pins of ours
-    their versions break (the install is --no-deps, so nothing else says so)."""
+    their versions break (the install is --no-deps, so nothing else says so); `kept` are known
+    and why they are not carried."""
     from packaging.specifiers import SpecifierSet
 
     missing, broken = [], []
@@ -46,7 +48,8 @@ def box_pins(wanted: dict[str, dict[str, str]]) -> dict[str, list]:
             continue
         for requirer, spec in specs.items():
             if spec and not SpecifierSet(spec).contains(held, prereleases=True):
-                broken.append(f"{requirer} wants {name}{spec}, here {held}")
+                known = f" (known: {kept[name]})" if name in kept else ""
+                broken.append(f"{requirer} wants {name}{spec}, here {held}{known}")
     return {"missing": missing, "broken": broken}
 
 

@@ -45,7 +45,7 @@ class Runner:
             log.write(line + "\n")
 
     def run(self, name: str, command: list[str], limit_s: float, output: Path | None = None,
-            env: dict[str, str] | None = None) -> Step:
+            shown: str | None = None) -> Step:
         """Run `command`; its output goes to `output` (or the log). A step past its limit (or the
         budget's) gets SIGINT, so its servers stop in `finally`, then SIGKILL."""
         step = Step(name)
@@ -55,11 +55,11 @@ class Runner:
             step.status, step.note = "skipped", "no time left in the budget"
             self.say(f"== {name}: skipped (budget spent)")
             return step
-        self.say(f"== {name} (limit {limit:.0f} s): {' '.join(command)}")
+        self.say(f"== {name} (limit {limit:.0f} s): {shown or ' '.join(command)}")
         began = time.monotonic()
         target = output or self.log
         with target.open("a" if target == self.log else "w") as sink:
-            proc = subprocess.Popen(command, cwd=self.cwd, env={**self.env, **(env or {})},
+            proc = subprocess.Popen(command, cwd=self.cwd, env=self.env,
                                     stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 rc = proc.wait(limit)

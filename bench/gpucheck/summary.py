@@ -119,7 +119,8 @@ def summary_md(r: dict) -> str:
         lines += ["", "## Tests (`pytest -m gpu tests/test_gpu.py`, full output in pytest.txt)", "",
                   "| test | outcome | measured |", "| --- | --- | --- |"]
         for name, t in tests.items():
-            measured = ", ".join(f"{k} {v:.6f}" for k, v in t["properties"].items())
+            measured = ", ".join(f"{k} {_fmt(v, '.6f') if isinstance(v, float) else v}"
+                                 for k, v in t["properties"].items())
             note = measured or t["reason"].replace("|", "/")[:120]
             lines.append(f"| {name} | {t['outcome']} | {note} |")
     matmul = r.get("matmul") or {}

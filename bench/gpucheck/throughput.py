@@ -89,7 +89,9 @@ def bodies(model: str, texts: list[str], size: int, tokens: int):
 
 
 def measure(server: BentoServer, shapes: dict[str, Shape], cells, seconds: float, warmup: float,
-            texts: dict[int, list[str]]) -> list[dict]:
+            texts: dict[int, list[str]], save) -> list[dict]:
+    """Every cell in turn; `save(rows)` after each, so a step stopped at its limit keeps the
+    cells it finished."""
     rows = []
     busy = GpuBusy()
     for model, shape in shapes.items():
@@ -106,6 +108,7 @@ def measure(server: BentoServer, shapes: dict[str, Shape], cells, seconds: float
                                                           intermediate=shape.intermediate, tokens=length)}
                 row["flops_per_s"] = row["tokens_per_s"] * row["flops_per_token"]
                 rows.append(row)
+                save(rows)
                 print(f"{model:5s} {length:3d} tokens {cell:10s} c={concurrency:<2d} x{size}: "
                       f"{row['tokens_per_s']:10.0f} tokens/s  p50 {row['p50_ms']:7.1f} ms  "
                       f"p99 {row['p99_ms']:7.1f} ms  errors {row['errors']}", flush=True)
@@ -136,7 +139,7 @@ def main() -> None:
     out, scratch = Path(sys.argv[1]), Path(sys.argv[2])
     dry = "--dry-run" in sys.argv
     shapes, cells = (DRY_MODELS, DRY_CELLS) if dry else (MODELS, CELLS)
-    seconds, warmup = (0.8, 0.3) if dry else (10.0, 2.0)
+    seconds, warmup = (0.5, 0.2) if dry else (10.0, 2.0)
     from embedding_worker.config import bundled_model_path
 
     vocab = str(Path(bundled_model_path()) / "vocab.txt")
@@ -159,13 +162,18 @@ def main() -> None:
     began = time.perf_counter()
     server.start(timeout=300)
     ready = time.perf_counter() - began
+    report = {"server_ready_s": ready, "models": {k: asdict(v) for k, v in shapes.items()},
+              "cell_seconds": seconds, "cells": [], "profile": None}
+
+    def save(rows: list[dict]) -> None:
+        out.write_text(json.dumps({**report, "cells": rows}, indent=1))
+
     try:
-        rows = measure(server, shapes, cells, seconds, warmup, texts)
-        profiled = profile(server, folder, "base", max(LENGTHS), cells[-1], seconds, texts)
+        report["cells"] = measure(server, shapes, cells, seconds, warmup, texts, save)
+        report["profile"] = profile(server, folder, "base", max(LENGTHS), cells[-1], seconds, texts)
+        out.write_text(json.dumps(report, indent=1))
     finally:
         server.stop()
-    out.write_text(json.dumps({"server_ready_s": ready, "models": {k: asdict(v) for k, v in shapes.items()},
-                               "cell_seconds": seconds, "cells": rows, "profile": profiled}, indent=1))
 
 
 if __name__ == "__main__":

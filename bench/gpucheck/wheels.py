@@ -193,6 +193,7 @@ def main() -> None:
         "wheels": [w.name for w in wheels],
         "carried": {d.name: d.version for d, _ in ship},
         "from_the_box": {d.name: d.wanted_by for d, _ in box},
+        "kept_despite_pins": KEEP_THE_BOXS,
         "extra": str(extra.relative_to(args.dest)),
     }
     (args.dest / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
