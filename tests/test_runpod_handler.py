@@ -230,3 +230,51 @@ async def test_each_job_logs_one_structured_line(handler):
     assert ok["tokens"] > 0 and ok["latency_ms"] > 0
     assert (missing["route"], missing["status"]) == ("/v1/embeddings", 404)
     assert not any("secret" in line for line in lines)
+
+
+# --- every dialect's route as a job: {"route", "body"} ---
+
+ROUTE_JOBS = [
+    ("/v2/embed", {"model": MINILM, "texts": ["a", "b"], "input_type": "search_query",
+                   "embedding_types": ["float", "int8", "binary"]}),
+    ("/v1/embed", {"texts": ["a"]}),
+    ("/embed", {"inputs": ["a", "b"], "truncate": True}),
+    ("/rerank", {"query": QUERY, "texts": DOCS, "return_text": True}),
+    ("/tokenize", {"inputs": "Hello world"}),
+    ("/decode", {"ids": [101, 7592, 102]}),
+    ("/v1/tokenize", {"model": MINILM, "input": ["Hello", "world"]}),
+    ("/tei/tiny-embed/embed", {"inputs": "x"}),
+    ("/v1/embeddings", {"model": "tiny-clip", "input": [{"text": "a"}, {"image": png_data_uri("red")}]}),
+    ("/info", None),
+    ("/embed", {"inputs": []}),
+    ("/v2/embed", {"texts": ["a"]}),
+    ("/predict", {"inputs": "x"}),
+]
+
+
+def close(a, b) -> bool:
+    """Equal JSON but for floats (within 1e-5) and per-response ids."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = set(a) - {"id", "created"}
+        return keys == set(b) - {"id", "created"} and all(close(a[k], b[k]) for k in keys)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(a - b) <= 1e-5
+    return a == b
+
+
+@pytest.mark.parametrize("route, body", ROUTE_JOBS)
+async def test_every_route_runs_as_a_job(client, handler, route, body):
+    http = client.get(route) if body is None else client.post(route, json=body)
+    job_input = {"route": route} if body is None else {"route": route, "body": body}
+    job = await run(handler, job_input)
+    runsync = client.post("/runsync", json={"input": job_input}).json()
+    if http.status_code == 200:
+        assert close(http.json(), job), (http.json(), job)
+        assert runsync["status"] == "COMPLETED" and close(runsync["output"], job)
+    else:
+        error = http.json()["error"]
+        message = error if isinstance(error, str) else error["message"]  # TEI's or OpenAI's
+        assert job == {"error": message}
+        assert runsync["status"] == "FAILED" and runsync["error"] == message
