@@ -89,8 +89,9 @@ class Runner:
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
             try:
-                if tag in (entry / "environ").read_bytes().split(b"\0"):
+                zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+                if not zombie and tag in (entry / "environ").read_bytes().split(b"\0"):
                     os.kill(int(entry.name), signal.SIGKILL)
                     self.say(f"   ended leftover process {entry.name}")
-            except (OSError, PermissionError):
+            except (OSError, IndexError):
                 continue
