@@ -261,6 +261,8 @@ def test_tei_routes_in_tei_shapes(server, oai, models):
     tei = post(server, "/rerank", {"query": "q", "texts": TEXTS, "return_text": True}).json()
     assert tei == [{"index": r["index"], "score": r["relevance_score"], "text": TEXTS[r["index"]]}
                    for r in ours["results"]]
+    named = post(server, "/tei/tiny-rerank/rerank", {"query": "q", "texts": TEXTS}).json()
+    assert [r["index"] for r in named] == [r["index"] for r in ours["results"]]
     predict = post(server, "/predict", {"inputs": [TEXTS[0]], "raw_scores": True}).json()
     classify = post(server, "/v1/classify", {"model": "tiny-classify", "input": [TEXTS[0]],
                                              "raw_scores": True}).json()
