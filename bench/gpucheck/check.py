@@ -25,7 +25,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from gpucheck import summary
-from gpucheck.steps import Runner
+from gpucheck.steps import Runner, Step
 
 ROOT = Path(__file__).resolve().parents[2]
 WHEELS = ROOT / ".whl"
@@ -111,7 +111,10 @@ def main() -> int:
         if env.get("python") and not env["python"].startswith(env["expected_python"] + "."):
             runner.say(f"   note: Python {env['python']}, the wheels are for {env['expected_python']}")
         if not dry and not env.get("cuda"):
-            runner.say("   no CUDA here: the GPU tests skip (--dry-run runs them on the CPU)")
+            # the GPU sizes on a CPU would take an hour and measure nothing of interest
+            runner.steps.append(Step("cuda", "failed", 0.0, "no CUDA here: --dry-run runs the check on a CPU"))
+            runner.say("   no CUDA here: stopping (--dry-run runs the check on a CPU)")
+            return 1
 
         if installed():
             runner.say("== install: skipped (bentoml and infinity-emb import already)")

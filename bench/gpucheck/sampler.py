@@ -5,7 +5,8 @@
 waits for `folder/start`; the process that runs infinity's engine (BentoML's worker, not its
 arbiter) then samples every thread's Python stack each INTERVAL until `folder/stop`, and writes
 `folder/samples-<pid>.json`: per thread role (the event loop, infinity's pre-process, forward and
-post-process threads) the samples by category, and the innermost frames most seen.
+post-process threads, the usage count's tokenizer) the samples by category, the innermost frames
+most seen, and the role's CPU time from /proc (what it did in C included).
 
 Limits, said in profile.txt too: a sample is taken when this thread holds the GIL, so code that
 holds it long is seen late, and time inside C (the tokenizer's Rust, a CUDA sync) is booked to
@@ -43,8 +44,6 @@ RULES = (
     (("selectors.py", "select"), "idle"), (("threading.py", "wait"), "idle"),
     (("queue.py", "get"), "idle"), (("concurrent/futures/thread.py", "_worker"), "idle"),
     (("tokenization_utils", None), "tokenisation"), (("tokenizers", None), "tokenisation"),
-    (("embedding_worker/engine/infinity.py", "count_tokens"), "tokenisation (usage count)"),
-    (("embedding_worker/engine/compat.py", "_text_tokens"), "tokenisation (usage count)"),
     (("sentence_transformer", "tokenize"), "tokenisation"),
     (("embedding_worker/engine/grouping.py", None), "padding / grouping"),
     (("functional.py", "pad"), "padding / grouping"),

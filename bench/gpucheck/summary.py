@@ -4,21 +4,31 @@ the bottleneck named) and profile.txt (the profiled cell in full)."""
 from __future__ import annotations
 
 import json
+import traceback
 from pathlib import Path
 
 IDLE = {"idle"}
 
 
 def write(out: Path, results: dict) -> None:
+    """Write the three files; a rendering error costs that file only (results.json goes first,
+    and a GPU run must bring back what it measured)."""
     peak = (results.get("matmul") or {}).get("flops_per_s")
     throughput = results.get("throughput") or {}
     for row in throughput.get("cells", []):
         row["fraction_of_matmul"] = row["flops_per_s"] / peak if peak else None
     profile = throughput.get("profile") or {}
-    results["bottleneck"] = bottleneck(profile, throughput.get("cells", []))
+    results["bottleneck"] = _rendered(lambda: bottleneck(profile, throughput.get("cells", [])))
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "profile.txt").write_text(profile_text(profile))
-    (out / "summary.md").write_text(summary_md(results))
+    (out / "profile.txt").write_text(_rendered(lambda: profile_text(profile)))
+    (out / "summary.md").write_text(_rendered(lambda: summary_md(results)))
+
+
+def _rendered(render) -> str:
+    try:
+        return render()
+    except Exception:  # noqa: BLE001
+        return "could not render (the data is in results.json):\n" + traceback.format_exc()
 
 
 def thread_shares(profile: dict) -> dict[str, dict[str, float]]:
