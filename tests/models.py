@@ -74,15 +74,16 @@ def make_tiny_reranker(path: Path, *, positions: int = 512) -> Path:
     return path
 
 
-def make_tiny_classifier(path: Path) -> Path:
-    """A BERT sequence classifier with three named labels (infinity serves it as a classifier)."""
+def make_tiny_classifier(path: Path, *, positions: int = 512) -> Path:
+    """A BERT sequence classifier with three named labels (infinity serves it as a classifier);
+    `positions` below the tokenizer's 512 make it fail on longer texts, as make_faulty_embedder."""
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     torch.manual_seed(3)
     labels = ["negative", "neutral", "positive"]
     config = _tiny_bert_config(num_labels=3, architectures=["BertForSequenceClassification"],
-                               id2label=dict(enumerate(labels)),
+                               max_position_embeddings=positions, id2label=dict(enumerate(labels)),
                                label2id={label: i for i, label in enumerate(labels)})
     model = BertForSequenceClassification(config)
     with torch.no_grad():  # spread the logits so that the labels differ between texts
