@@ -63,12 +63,23 @@ async def test_texts_past_the_models_window_share_a_batch_whatever_their_length(
     np.testing.assert_allclose(got, st.encode(overlong, normalize_embeddings=True), atol=1e-5)
 
 
-async def test_a_computed_batch_is_returned_without_infinitys_post_processing_sleep(core, monkeypatch):
+@pytest.fixture
+async def torch_core(tiny_models):
+    core = Core(Settings(model_names=str(tiny_models["embed"]), served_model_names="tiny-embed",
+                         backend="torch"))
+    await core.start()
+    yield core
+    await core.stop()
+
+
+async def test_a_computed_batch_is_returned_without_infinitys_post_processing_sleep(torch_core,
+                                                                                   monkeypatch):
     """infinity 0.0.78's post-processing thread sleeps 5 ms before finishing almost every batch
     (its guard is always true); the engines are started with that delay at 0, so a lone request
     does not wait on it."""
     from infinity_emb.inference import batch_handler
 
+    core = torch_core
     slept: list[tuple[str, float]] = []
 
     class Clock:  # infinity's `time`, recording which of its loops sleeps how long

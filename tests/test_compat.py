@@ -41,7 +41,7 @@ async def classifier_engine(tiny_models):
 
 
 def adapt(engine):
-    return compat.adapt(engine, onnx=None, cpu=True, guard=FaultGuard("tiny", Heartbeat(60)))
+    return compat.adapt(engine, cpu=True, guard=FaultGuard("tiny", Heartbeat(60)))
 
 
 async def test_a_compatible_engine_is_adapted(infinity_engine):
@@ -90,13 +90,12 @@ async def test_a_changed_classifier_is_named(classifier_engine):
 
 
 def test_a_missing_module_attribute_is_named(monkeypatch):
-    from infinity_emb.transformer.embedder import optimum
+    from infinity_emb import primitives
 
-    monkeypatch.delattr(optimum, "get_onnx_files")
+    monkeypatch.delattr(primitives, "ReRankSingle")
     with pytest.raises(compat.IncompatibleInfinity,
-                       match=r"infinity_emb\.transformer\.embedder\.optimum\.get_onnx_files is missing"):
-        compat.check_modules(onnx=True)
-    compat.check_modules(onnx=False)  # not needed without ONNX Runtime
+                       match=r"infinity_emb\.primitives\.ReRankSingle is missing"):
+        compat.check_modules()
 
 
 def test_the_process_stops_with_one_line_naming_it(tiny_models):

@@ -130,10 +130,22 @@ def _with_pooling(source, target, **modes):
 def test_pooling_is_read_from_the_model_and_unsupported_pooling_is_refused(tiny_models, tmp_path):
     cls = _with_pooling(tiny_models["embed"], tmp_path / "cls", cls_token=True)
     assert onnx_export.prepare(str(cls), str(tmp_path / "cache")).pooling == "cls"
+    last = _with_pooling(tiny_models["embed"], tmp_path / "last", lasttoken=True)
+    assert onnx_export.prepare(str(last), str(tmp_path / "cache")).pooling == "last"
     max_ = _with_pooling(tiny_models["embed"], tmp_path / "max", max_tokens=True)
-    with pytest.raises(ConfigError, match="pools by max_tokens; infinity's ONNX path pools by mean "
-                                          "or CLS only: use BACKEND=torch"):
+    with pytest.raises(ConfigError, match="pools by max_tokens; the ONNX path pools by mean, CLS "
+                                          "or last token only: use BACKEND=torch"):
         onnx_export.prepare(str(max_), str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("mode", ["cls_token", "lasttoken"])
+async def test_cls_and_last_token_pooling_match_sentence_transformers(tiny_models, tmp_path, mode):
+    model = _with_pooling(tiny_models["embed"], tmp_path / mode, **{mode: True})
+    async with running(backend="optimum", onnx_cache=str(tmp_path / "cache"),
+                       model_names=str(model), served_model_names="pooled") as core:
+        assert core.engine.ready, core.engine.failure
+        result = await core.embeddings.create({"model": "pooled", "input": TEXTS})
+    assert_like_sentence_transformers(result, model)
 
 
 def test_modules_the_export_would_leave_out_are_refused(tiny_models, tmp_path):
@@ -170,9 +182,12 @@ async def test_auto_falls_back_to_torch_when_onnx_runtime_cannot_load(tiny_model
         async with running(model_names=f"{broken};{tiny_models['rerank']}",
                            served_model_names="broken;rerank") as core:
             assert core.engine.ready, core.engine.failure
-            assert {core.models.card(n)["backend"] for n in ("broken", "rerank")} == {"torch"}
+            # per model: the other stays on ONNX Runtime
+            assert {n: core.models.card(n)["backend"] for n in ("broken", "rerank")} == {
+                "broken": "torch", "rerank": "optimum"}
             result = await core.embeddings.create({"model": "broken", "input": TEXTS})
-    assert "ONNX Runtime could not load the models, serving them all by torch" in caplog.text
+    assert "model broken: ONNX Runtime could not load it, served by torch: InvalidProtobuf" \
+        in caplog.text
     assert_like_sentence_transformers(result, tiny_models["embed"])
     # asked for ONNX Runtime explicitly: unready, with the reason
     async with running(backend="optimum",

@@ -126,7 +126,9 @@ class Heartbeat:
         return self.stalled_for() > self.stall_timeout
 
 
-Rows = tuple[list[Any], int]  # one result per input (a `Fault` where the model failed), usage
+# one result per input (a `Fault` where the model failed), and the tokens used: 0 where the
+# engine does not count them (the core counts each request's own with `usage`)
+Rows = tuple[list[Any], int]
 
 
 class ModelBackend(ABC):

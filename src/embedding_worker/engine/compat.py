@@ -1,6 +1,6 @@
 """Every touch of infinity-emb's internals, checked before it is made.
 
-infinity-emb is pinned (0.0.78). The service relies on ten things it does not offer publicly;
+infinity-emb is pinned (0.0.78). The service relies on seven things it does not offer publicly;
 each is listed in `WORKAROUNDS` with what it is for, and docs/architecture.md says how to drop it
 once infinity fixes it. Before any is applied, `check_modules` and `adapt` look up every attribute
 they will read or replace and check its type; a missing or changed one raises
@@ -22,7 +22,6 @@ from typing import Any, NoReturn
 
 from . import grouping
 from .fault_guard import FaultGuard
-from .onnx_export import OnnxModel
 
 logger = logging.getLogger("embedding_worker")
 
@@ -30,10 +29,6 @@ WRITTEN_FOR = "0.0.78"
 
 # name -> what it is for (the docs hold the why and how to drop each)
 WORKAROUNDS = {
-    "bare onnx file name": "optimum 2.x finds a local .onnx file by its bare name only",
-    "onnx window and usage": "the optimum classes truncate at the position embeddings and count "
-                             "special tokens in usage",
-    "onnx token types": "the optimum cross-encoder drops a BERT reranker's token types",
     "fault containment": "an exception in a model stage kills infinity's batch thread",
     "cpu grouping": "infinity pads a whole batch to its longest text",
     "usage as truncated": "the torch classes count usage past the model's window",
@@ -96,16 +91,9 @@ def _version() -> str:
 # --- module-level: before the engines are built ---
 
 
-def _optimum_modules() -> tuple[types.ModuleType, ...]:
-    from infinity_emb.transformer.crossencoder import optimum as crossencoder
-    from infinity_emb.transformer.embedder import optimum as embedder
-
-    return embedder, crossencoder
-
-
-def check_modules(onnx: bool) -> None:
-    """What must be there before loading: the module functions patched for ONNX Runtime and the
-    classes the model-level workarounds recognise."""
+def check_modules() -> None:
+    """What must be there before loading: the classes the model-level workarounds recognise and
+    the primitive pair scoring builds."""
     if _version() != WRITTEN_FOR:
         logger.warning("infinity-emb %s is installed; this service was written for %s",
                        _version(), WRITTEN_FOR)
@@ -113,41 +101,18 @@ def check_modules(onnx: bool) -> None:
     from infinity_emb import primitives
 
     _need(primitives, "ReRankSingle", type, "pair scoring")
-    if onnx:
-        for module in _optimum_modules():
-            _need(module, "get_onnx_files", "callable", "bare onnx file name")
-
-
-def bare_onnx_file_names() -> None:
-    """infinity lists a local model's `.onnx` files with their directory and hands one to optimum
-    as `file_name`, which optimum 2.x compares with each file's bare name (FileNotFoundError).
-    Hand it the bare name. Idempotent."""
-    for module in _optimum_modules():
-        listed = _need(module, "get_onnx_files", "callable", "bare onnx file name")
-        if getattr(listed, "bare_name", False):
-            continue
-
-        def bare_name(*, _listed=listed, **kwargs: Any) -> Path:
-            return Path(_listed(**kwargs).name)
-
-        bare_name.bare_name = True  # type: ignore[attr-defined]
-        module.get_onnx_files = bare_name
 
 
 def _text_classes() -> dict[str, tuple[type, ...]]:
-    """infinity's model classes the workarounds know: text embedders and cross-encoders (by
-    backend), the classifier and the CLIP-like model."""
+    """infinity's model classes the workarounds know: the text embedder and cross-encoder, the
+    classifier and the CLIP-like model (torch all)."""
     from infinity_emb.transformer.classifier.torch import SentenceClassifier
-    from infinity_emb.transformer.crossencoder.optimum import OptimumCrossEncoder
     from infinity_emb.transformer.crossencoder.torch import CrossEncoderPatched
-    from infinity_emb.transformer.embedder.optimum import OptimumEmbedder
     from infinity_emb.transformer.embedder.sentence_transformer import SentenceTransformerPatched
     from infinity_emb.transformer.vision.torch_vision import TIMM
 
-    return {"onnx": (OptimumEmbedder, OptimumCrossEncoder),
-            "torch": (SentenceTransformerPatched, CrossEncoderPatched),
-            "cross_encoder": (OptimumCrossEncoder,),
-            "st_embedder": (SentenceTransformerPatched,), "onnx_embedder": (OptimumEmbedder,),
+    return {"text": (SentenceTransformerPatched, CrossEncoderPatched),
+            "st_embedder": (SentenceTransformerPatched,),
             "classifier": (SentenceClassifier,), "clip": (TIMM,)}
 
 
@@ -167,11 +132,11 @@ class Adapted:
     label_activation: str = "softmax"
 
 
-def adapt(engine: Any, *, onnx: OnnxModel | None, cpu: bool, guard: FaultGuard) -> Adapted:
+def adapt(engine: Any, *, cpu: bool, guard: FaultGuard) -> Adapted:
     """Check every attribute the workarounds need on `engine` and its models, then apply them.
-    The order matters: the ONNX mends replace `encode_pre` and set the window before anything
-    wraps the stages; grouping wraps the encoder stage; the fault guard wraps all three last, so
-    that it sees (and contains) what the others do; the usage cap reads the final window."""
+    The order matters: the model's own stage replacements (raw vectors, classifier logits) come
+    first; grouping wraps the encoder stage; the fault guard wraps all three last, so that it
+    sees (and contains) what the others do; the usage cap reads the final window."""
     replicas = _need(engine, "_model_replicas", list, "fault containment")
     if not replicas:
         raise IncompatibleInfinity("infinity-emb: AsyncEmbeddingEngine._model_replicas is empty")
@@ -181,16 +146,13 @@ def adapt(engine: Any, *, onnx: OnnxModel | None, cpu: bool, guard: FaultGuard) 
     for worker in workers:
         _need(worker, "_batch_delay", float, "no result delay")
     classes = _text_classes()
-    text = tuple(cls for group in ("onnx", "torch") for cls in classes[group])
+    text = classes["text"]
     for model in replicas:
         for stage in ("encode_pre", "encode_core", "encode_post"):
             _need(model, stage, "callable", "fault containment")
         if isinstance(model, text):
             _need(model, "_infinity_tokenizer", object, "usage as truncated")
             _need(model, "tokenizer", object, "usage as truncated")
-        if onnx is not None:
-            _need(model, "config", object, "onnx window and usage")
-            _need(model.config, "max_position_embeddings", int, "onnx window and usage")
 
         if isinstance(model, classes["classifier"]):
             _need(model, "_pipe", object, "classifier logits")
@@ -199,14 +161,10 @@ def adapt(engine: Any, *, onnx: OnnxModel | None, cpu: bool, guard: FaultGuard) 
             _need(model._pipe, "model", object, "classifier logits")
         if isinstance(model, classes["clip"]):
             _need(model, "_normalize_cpu", "callable", "raw vectors")
-        if isinstance(model, classes["onnx_embedder"]):
-            _need(model, "pooling", "callable", "raw vectors")
 
     raw_vectors, labels = False, None
     for model in replicas:
-        if onnx is not None:
-            _fit_onnx(model, onnx, classes["cross_encoder"])
-        raw_vectors = _unnormalised(model, classes, onnx)
+        raw_vectors = _unnormalised(model, classes)
         if isinstance(model, classes["classifier"]):
             labels = _classifier_logits(model)
         if cpu and _groupable(model, text):
@@ -242,7 +200,7 @@ def adapt(engine: Any, *, onnx: OnnxModel | None, cpu: bool, guard: FaultGuard) 
                    raw_vectors=raw_vectors, labels=names, label_activation=activation)
 
 
-def _unnormalised(model: Any, classes: dict[str, tuple[type, ...]], onnx: OnnxModel | None) -> bool:
+def _unnormalised(model: Any, classes: dict[str, tuple[type, ...]]) -> bool:
     """Make the model's embeddings come as the model computes them, its own Normalize module
     included (the core normalises them unless a request asks otherwise); False for a class this
     does not know."""
@@ -255,23 +213,11 @@ def _unnormalised(model: Any, classes: dict[str, tuple[type, ...]], onnx: OnnxMo
                 f"a bool; the 'raw vectors' workaround was written for infinity-emb {WRITTEN_FOR}")
         model.normalize_embeddings = False
         return True
-    if isinstance(model, classes["onnx_embedder"]):
-        if onnx is None or not onnx.normalizes:  # else infinity's normalising is the model's
-            model.encode_post = types.MethodType(_pooled, model)
-        return True
     if isinstance(model, classes["clip"]):
         normalise = model._normalize_cpu
         model._normalize_cpu = lambda tensor, normalize: normalise(tensor, False)
         return True
     return False
-
-
-def _pooled(self: Any, embedding: dict[str, Any]) -> Any:
-    """The optimum embedder's `encode_post` without its normalisation."""
-    import numpy as np
-
-    pooled = self.pooling(embedding["token_embeddings"], embedding["attention_mask"])
-    return np.asarray(pooled, dtype=np.float32)
 
 
 def _classifier_logits(model: Any) -> tuple[tuple[str, ...], str]:
@@ -343,34 +289,7 @@ def _count_usage_as_truncated(model: Any, window: int | None) -> None:
     counter.model_max_length = max(1, window - special)
 
 
-def _fit_onnx(model: Any, plan: OnnxModel, cross_encoders: tuple[type, ...]) -> None:
-    """Mend a loaded infinity optimum model. It truncates at `config.max_position_embeddings`:
-    cap that at the model's window (MiniLM: 256, not 512; RoBERTa: 512, not 514). It counts usage
-    with special tokens, unlike the torch classes: count text tokens only. A cross-encoder
-    tokenises pairs without token types, so BERT rerankers scored every document as segment A:
-    tokenise as the model's own tokenizer does."""
-    tokenizer_limit = getattr(model.tokenizer, "model_max_length", None)
-    if not isinstance(tokenizer_limit, int) or tokenizer_limit >= 1_000_000:  # "no limit"
-        tokenizer_limit = None
-    limits = [plan.window, model.config.max_position_embeddings, tokenizer_limit]
-    window = min(limit for limit in limits if limit)
-    model.config.max_position_embeddings = window
-    model.max_seq_length = window  # what `_window` reads
-    model.tokenize_lengths = types.MethodType(_text_tokens, model)
-    if isinstance(model, cross_encoders) and "token_type_ids" in model.model.input_names:
-        model.encode_pre = types.MethodType(_pairs_with_token_types, model)
-
-
 def _text_tokens(self: Any, texts: list[str]) -> list[int]:
     encoded = self._infinity_tokenizer(texts, add_special_tokens=False, padding=False,
                                        truncation=True)
     return [len(ids) for ids in encoded["input_ids"]]
-
-
-def _pairs_with_token_types(self: Any, pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    import numpy as np
-
-    encoded = self.tokenizer(pairs, max_length=self.config.max_position_embeddings, padding=True,
-                             truncation="longest_first", return_tensors="np")
-    return {k: v.astype(np.int64) for k, v in encoded.items()}
-

@@ -1,8 +1,9 @@
 """The engine seam implemented on Infinity (`infinity-emb` as a library).
 
 Uses infinity's public entry points only (`AsyncEngineArray`, `EngineArgs`, an engine's `embed`,
-`image_embed`, `capabilities`, `engine_args`, `overload_status`); what it needs beyond them comes
-from `compat`, which checks it first.
+`image_embed`, `classify`, `capabilities`, `engine_args`, `overload_status`); what it needs beyond
+them comes from `compat`, which checks it first. Prompts and logging are `engine.combined`'s, for
+both engines.
 """
 
 from __future__ import annotations
@@ -14,15 +15,9 @@ import threading
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from ..config import (
-    ModelSpec,
-    Settings,
-    onnx_cache_dirs,
-    prepare_infinity_environment,
-    prepare_model_cache,
-)
-from . import compat, model_config, onnx_export
+from ..config import ModelSpec, Settings
 from ..observability.logs import one_line
+from . import compat, model_config
 from .base import Engine, Heartbeat, ModelBackend, ModelInfo, QueueStats, Rows, Tokens, is_fault
 from .fault_guard import FaultGuard
 
@@ -112,15 +107,17 @@ class InfinityModel(ModelBackend):
 
 
 class InfinityEngine(Engine):
-    def __init__(self, settings: Settings):
+    """The models torch (or CTranslate2) serves through infinity: GPUs, images, classifiers, and
+    whatever the ONNX Runtime engine does not serve (`engine.combined` decides)."""
+
+    def __init__(self, settings: Settings, specs: list[ModelSpec]):
         self.settings = settings
-        self.specs = {spec.served_name: spec for spec in settings.models}
+        self.specs = {spec.served_name: spec for spec in specs}
         self.state = "starting"
         self.failure = ""
         self.models = {}
         self._array: AsyncEngineArray | None = None
         self._lock: asyncio.Lock | None = None
-        self._onnx: dict[str, onnx_export.OnnxModel] = {}  # the models ONNX Runtime serves
 
     @cached_property
     def device(self) -> str:
@@ -134,98 +131,30 @@ class InfinityEngine(Engine):
         return "mps" if torch.backends.mps.is_available() else "cpu"
 
     def _engine_kwargs(self, spec: ModelSpec) -> dict[str, Any]:
-        kwargs = dict(
+        backend = self.settings.backend
+        return dict(
             model_name_or_path=spec.source,
             served_model_name=spec.served_name,
             batch_size=spec.batch_size,
-            engine="optimum" if spec.served_name in self._onnx else self._fallback_backend,
+            engine="torch" if backend in ("auto", "optimum") else backend,
             dtype=spec.dtype,
             device=self.settings.device,
             model_warmup=self.settings.model_warmup,
             lengths_via_tokenize=True,  # usage counts real tokens
             bettertransformer=False,  # deprecated in optimum; plain SDPA is as fast
         )
-        onnx = self._onnx.get(spec.served_name)
-        if onnx is not None:
-            # infinity's own graph optimisation fails under optimum 2.x and writes into the hub
-            # cache (our export is fused instead); quantised files lose fidelity.
-            kwargs.update(model_name_or_path=onnx.directory, pooling_method=onnx.pooling,
-                          onnx_disable_optimize=True, onnx_do_not_prefer_quantized=True)
-        return kwargs
-
-    @property
-    def _fallback_backend(self) -> str:
-        """What serves a model ONNX Runtime does not (with BACKEND=optimum, none)."""
-        return "torch" if self.settings.backend == "auto" else self.settings.backend
-
-    def _prepare_onnx(self, device: str, caches: list[str]) -> dict[str, onnx_export.OnnxModel]:
-        """The models ONNX Runtime serves, exported if need be. BACKEND=optimum: all of them, or
-        a load failure with the reason. BACKEND=auto: on a CPU, each text model in float32 that
-        exports; any other (a GPU, an image model, an export that fails) is served by torch."""
-        backend, models = self.settings.backend, self.settings.models
-        if backend == "auto":
-            if device != "cpu" or not onnx_export.onnxruntime_installed():
-                return {}
-            models = tuple(spec for spec in models if spec.dtype in ("auto", "float32"))
-        elif backend != "optimum":
-            return {}
-        if not models:
-            return {}
-        onnx_export.require_onnxruntime()
-        compat.bare_onnx_file_names()
-        cache, *found_in = caches
-        prepared = {}
-        for spec in models:
-            try:
-                prepared[spec.served_name] = onnx_export.prepare(spec.source, cache, tuple(found_in))
-            except Exception as exc:
-                if backend == "optimum":
-                    raise
-                logger.info("model %s: served by torch, not ONNX Runtime: %s", spec.served_name,
-                            one_line(exc))
-        return prepared
-
-    def export_onnx(self, cache_dir: str) -> dict[str, str]:
-        """The ONNX exports this configuration would serve on a CPU, made now into `cache_dir`
-        (ahead of time: `embedding-worker download --onnx`, the image build); served name ->
-        directory."""
-        prepare_infinity_environment(self.settings)
-        prepare_model_cache(self.settings)
-        plans = self._prepare_onnx("cpu", [cache_dir])
-        return {name: plan.directory for name, plan in plans.items()}
 
     def load(self) -> None:
         if self._array is not None:
             return
         try:
-            self._load()
+            compat.check_modules()
+            from infinity_emb import AsyncEngineArray, EngineArgs
+
+            self._array = AsyncEngineArray.from_args(
+                [EngineArgs(**self._engine_kwargs(spec)) for spec in self.specs.values()])
         except compat.IncompatibleInfinity as exc:
             compat.stop_process(exc)
-
-    def _load(self) -> None:
-        for spec in self.settings.models:
-            if spec.bundled:
-                logger.info("MODEL_NAMES is unset: serving the bundled %s from %s (offline)",
-                            spec.served_name, spec.source)
-        prepare_infinity_environment(self.settings)
-        prepare_model_cache(self.settings)
-        compat.check_modules(onnx=self.settings.backend in ("auto", "optimum"))
-        self._onnx = self._prepare_onnx(self.device, onnx_cache_dirs(self.settings))
-        from infinity_emb import AsyncEngineArray, EngineArgs
-
-        def build() -> AsyncEngineArray:
-            return AsyncEngineArray.from_args(
-                [EngineArgs(**self._engine_kwargs(spec)) for spec in self.settings.models])
-
-        try:
-            self._array = build()
-        except Exception as exc:
-            if self.settings.backend != "auto" or not self._onnx:
-                raise
-            logger.warning("ONNX Runtime could not load the models, serving them all by torch: %s",
-                           one_line(exc))
-            self._onnx = {}
-            self._array = build()
 
     async def start(self) -> None:
         """Load weights in a worker thread (keeps /livez answering), then start the batch loops
@@ -248,40 +177,29 @@ class InfinityEngine(Engine):
             # Stay up and unready (503 with the reason) rather than crash-looping the worker.
             self.state = "failed"
             self.failure = one_line(exc)
-            logger.error("model loading failed, the service stays unready: %s", self.failure)
             return
         self.models = models
         self.state = "ready"
 
     async def _adapt(self, name: str, engine: AsyncEmbeddingEngine) -> InfinityModel:
         guard = FaultGuard(name, Heartbeat(self.settings.engine_stall_timeout))
-        adapted = compat.adapt(engine, onnx=self._onnx.get(name), cpu=self.device == "cpu",
-                               guard=guard)
+        adapted = compat.adapt(engine, cpu=self.device == "cpu", guard=guard)
         args, spec = engine.engine_args, self.specs[name]
         dimensions = None
         if "embed" in engine.capabilities:  # one short text: the size /v1/models shows
             vectors, _ = await engine.embed(sentences=["dimensions"])
             if not is_fault(vectors[0]):  # a model that fails on it is served all the same
                 dimensions = len(vectors[0])
-        prompts, default = model_config.served_prompts(spec.source, spec.prompts)
         tokenizer = adapted.tokenizer
         info = ModelInfo(
             name=name, source=spec.source, backend=args.engine.value,
             dtype=args.dtype.value, device=self.device, batch_size=args.batch_size,
             capabilities=frozenset(engine.capabilities), window=adapted.window,
-            dimensions=dimensions, prompts=prompts, default_prompt_name=default,
+            dimensions=dimensions,
             special_tokens=tokenizer.num_special_tokens_to_add(pair=False)
             if hasattr(tokenizer, "num_special_tokens_to_add") else 0,
             raw_vectors=adapted.raw_vectors, labels=adapted.labels,
-            label_activation=adapted.label_activation,
-            pooling=self._onnx[name].pooling if name in self._onnx else model_config.pooling(
-                spec.source),
-        )
-        onnx = self._onnx.get(name)
-        logger.info(
-            "model %s: source=%s backend=%s dtype=%s device=%s batch_size=%d capabilities=%s%s",
-            name, info.source, info.backend, info.dtype, info.device, info.batch_size,
-            ",".join(sorted(info.capabilities)), f" onnx={onnx.directory}" if onnx else "",
+            label_activation=adapted.label_activation, pooling=model_config.pooling(spec.source),
         )
         return InfinityModel(engine, info, adapted, guard)
 

@@ -1,10 +1,12 @@
-"""The ONNX export for ONNX Runtime (BACKEND=auto on a CPU, or optimum), made once per model.
+"""The ONNX plan of a model for the ONNX Runtime engine (BACKEND=auto on a CPU, or optimum),
+and its export, made once per model.
 
-infinity's optimum classes load only a directory that already holds a `.onnx` file. `prepare`
-resolves a model, reads the pooling and window infinity must be told (it would pool by CLS and
-truncate at the position embeddings), refuses what the ONNX path cannot serve with the reason, and
-exports into a cache unless the model ships its own `.onnx` file. What infinity then needs mended
-on the loaded model lives in `compat`. Tests hold the result to torch's numbers.
+`prepare` resolves a model, reads how it pools, its window and whether it normalises (what
+`engine.ort` must do around the bare transformer), refuses what the ONNX path cannot serve with
+the reason, and exports it into a cache unless the model ships its own `.onnx` file. The export
+needs torch and optimum, so it runs in a child process (`python -m
+embedding_worker.engine.onnx_export`): the serving process never imports them. Tests hold the
+result to torch's numbers.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +32,7 @@ logger = logging.getLogger("embedding_worker")
 HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors", "pytorch_model.bin",
              "onnx/model.onnx", "onnx/model.onnx_data"]
 # sentence-transformers modules an ONNX export of the transformer alone reproduces (with
-# infinity's pooling and normalisation); any other module (Dense, ...) would be lost.
+# engine.ort's pooling and normalisation); any other module (Dense, ...) would be lost.
 KNOWN_MODULES = {"Transformer", "Pooling", "Normalize"}
 # Architectures whose export is fused by ONNX Runtime's transformer optimizer (checked against
 # torch by the tests); others are served as exported.
@@ -38,31 +42,40 @@ INSTALL_HINT = 'pip install "infinity-emb[torch,optimum]==0.0.78"'
 
 
 @dataclass(frozen=True)
-class OnnxModel:
-    """What infinity is given for one model: a directory with a `.onnx` file and its pooling."""
+class OnnxPlan:
+    """How ONNX Runtime serves one model: a directory with its `.onnx` file, and what to do
+    around the transformer."""
 
     directory: str
-    pooling: str  # infinity PoolingMethod name: "mean" or "cls" (cross-encoders: "auto")
+    pooling: str  # "mean", "cls" or "last"; cross-encoders: "auto" (the logit is the score)
     window: int | None  # sentence-transformers' max_seq_length, when the model has one
     normalizes: bool = False  # its sentence-transformers modules end in Normalize
 
 
-def onnxruntime_installed() -> bool:
+def installed(*names: str) -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "optimum"))
+    return all(importlib.util.find_spec(name) is not None for name in names)
+
+
+def onnxruntime_installed() -> bool:
+    """What serving needs (the export needs optimum besides, `require_exporter`)."""
+    return installed("onnxruntime", "tokenizers")
 
 
 def require_onnxruntime() -> None:
-    try:
-        import onnxruntime  # noqa: F401
-        import optimum.onnxruntime  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(f"BACKEND=optimum needs ONNX Runtime and optimum ({exc}): "
-                          f"{INSTALL_HINT}") from None
+    if not onnxruntime_installed():
+        raise ConfigError(f"BACKEND=optimum needs ONNX Runtime: {INSTALL_HINT}")
 
 
-def prepare(source: str, cache_root: str, found_in: tuple[str, ...] = ()) -> OnnxModel:
+def require_exporter(source: str) -> None:
+    if not installed("optimum", "torch"):
+        raise ConfigError(f"{source} ships no ONNX file and exporting one needs torch and "
+                          f"optimum: {INSTALL_HINT}, or export it ahead of time "
+                          f"(embedding-worker download --onnx)")
+
+
+def prepare(source: str, cache_root: str, found_in: tuple[str, ...] = ()) -> OnnxPlan:
     """Resolve `source` to a local directory, read its pooling and window, and export it to ONNX
     under `cache_root` unless it ships a `.onnx` file or an export of it is in `cache_root` or
     one of `found_in` (read only: the image's). Blocking (the export takes seconds)."""
@@ -76,14 +89,14 @@ def prepare(source: str, cache_root: str, found_in: tuple[str, ...] = ()) -> Onn
         raise ConfigError(f"BACKEND=optimum serves embedders and rerankers; {source} is a "
                           f"classifier: use BACKEND=torch")
     pooling = "auto" if cross_encoder else _pooling(model_dir, source)
-    if _onnx_files(model_dir):
+    if onnx_files(model_dir):
         directory = model_dir
     else:
         task = "text-classification" if cross_encoder else "feature-extraction"
         directory = _export(model_dir, Path(cache_root), task, config.get("model_type", ""),
                             [Path(root) for root in found_in])
-    return OnnxModel(str(directory), pooling, _st_window(model_dir),
-                     normalizes=not cross_encoder and model_config.normalizes(str(model_dir)))
+    return OnnxPlan(str(directory), pooling, _st_window(model_dir),
+                    normalizes=not cross_encoder and model_config.normalizes(str(model_dir)))
 
 
 def _local_dir(source: str) -> Path:
@@ -95,8 +108,10 @@ def _local_dir(source: str) -> Path:
     return Path(snapshot_download(source, allow_patterns=HUB_FILES))  # honours HF_HUB_OFFLINE
 
 
-def _onnx_files(model_dir: Path) -> list[Path]:
-    return sorted(model_dir.glob("**/*.onnx"))
+def onnx_files(model_dir: Path) -> list[Path]:
+    """The model's `.onnx` files, `model.onnx` first (then the others by name)."""
+    found = sorted(model_dir.glob("**/*.onnx"))
+    return sorted(found, key=lambda path: path.name != "model.onnx")
 
 
 def _pooling(model_dir: Path, source: str) -> str:
@@ -116,8 +131,10 @@ def _pooling(model_dir: Path, source: str) -> str:
         return "mean"
     if modes == ["cls_token"]:
         return "cls"
+    if modes == ["lasttoken"]:
+        return "last"
     raise ConfigError(f"BACKEND=optimum: {source} pools by {' + '.join(modes) or 'nothing'}; "
-                      f"infinity's ONNX path pools by mean or CLS only: use BACKEND=torch")
+                      f"the ONNX path pools by mean, CLS or last token only: use BACKEND=torch")
 
 
 def _st_window(model_dir: Path) -> int | None:
@@ -154,25 +171,40 @@ def _export(model_dir: Path, cache_root: Path, task: str, model_type: str,
         digest.update(f"{file.relative_to(model_dir)} {stat.st_size} {int(stat.st_mtime)}\n".encode())
     name = f"{model_dir.name}-{digest.hexdigest()[:16]}"
     for root in (cache_root, *found_in):
-        if _onnx_files(root / name):
+        if onnx_files(root / name):
             logger.info("ONNX export of %s found in %s", model_dir, root / name)
             return root / name
     target = cache_root / name
     cache_root.mkdir(parents=True, exist_ok=True)
-    logger.info("exporting %s to ONNX (once; cached in %s)", model_dir, target)
-    from optimum.exporters.onnx import main_export
-
+    require_exporter(str(model_dir))
+    logger.info("exporting %s to ONNX (once, in a child process; cached in %s)", model_dir, target)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=cache_root))
     try:
-        main_export(str(model_dir), output=staging, task=task, library_name="transformers",
-                    device="cpu", do_validation=False)
-        if model_type in FUSED_MODEL_TYPES:
-            _fuse(staging / "model.onnx", model_type)
+        child = subprocess.run(
+            [sys.executable, "-m", __name__, str(model_dir), str(staging), task, model_type],
+            capture_output=True, text=True)
+        if child.returncode != 0:
+            last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ConfigError(f"the ONNX export of {model_dir} failed: {last}")
         try:
             staging.rename(target)
         except OSError:  # another worker got there first
-            if not _onnx_files(target):
+            if not onnx_files(target):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def export(model_dir: str, output: str, task: str, model_type: str) -> None:
+    """The export itself (torch, optimum): what the child process runs."""
+    from optimum.exporters.onnx import main_export
+
+    main_export(model_dir, output=output, task=task, library_name="transformers", device="cpu",
+                do_validation=False)
+    if model_type in FUSED_MODEL_TYPES:
+        _fuse(Path(output) / "model.onnx", model_type)
+
+
+if __name__ == "__main__":
+    export(*sys.argv[1:5])

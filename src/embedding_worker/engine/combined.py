@@ -1,0 +1,170 @@
+"""The engine the core gets: the ONNX Runtime engine (`engine.ort`) for the text models it
+serves on a CPU, Infinity (`engine.infinity`) for the rest, as one `Engine`.
+
+Which model goes where is decided before anything heavy is imported: the device without torch
+(`device_hint`), each model's plan from its files (`onnx_export.prepare`). With every model on
+ONNX Runtime, infinity, torch and transformers are never imported in the serving process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from ..config import (
+    ConfigError,
+    ModelSpec,
+    Settings,
+    onnx_cache_dirs,
+    prepare_infinity_environment,
+    prepare_model_cache,
+)
+from ..observability.logs import one_line
+from . import model_config, onnx_export
+from .base import Engine, ModelBackend
+from .onnx_export import OnnxPlan
+
+logger = logging.getLogger("embedding_worker")
+
+
+def device_hint(settings: Settings) -> str:
+    """DEVICE, or for `auto` whether an NVIDIA GPU is there (its device files; torch is not
+    imported to ask). A GPU goes to torch, whose device choice is then infinity's."""
+    if settings.device != "auto":
+        return settings.device
+    return "cuda" if any(Path("/dev").glob("nvidia[0-9]*")) else "cpu"
+
+
+def onnx_plans(settings: Settings, device: str, caches: list[str]) -> dict[str, OnnxPlan]:
+    """The models ONNX Runtime serves, exported if need be. BACKEND=optimum: all of them (on a
+    CPU), or a ConfigError with the reason. BACKEND=auto: on a CPU, each text model in float32
+    that ONNX Runtime can serve; any other (a GPU, an image model, a classifier, an export that
+    fails) is served by torch."""
+    backend, models = settings.backend, settings.models
+    if backend == "optimum" and device != "cpu":
+        raise ConfigError(f"BACKEND=optimum runs on the CPU, and DEVICE is {device}: use "
+                          f"BACKEND=torch (or auto, which picks it on a GPU)")
+    if backend == "auto":
+        if device != "cpu" or not onnx_export.onnxruntime_installed():
+            return {}
+        models = tuple(spec for spec in models if spec.dtype in ("auto", "float32"))
+    elif backend != "optimum":
+        return {}
+    if not models:
+        return {}
+    onnx_export.require_onnxruntime()
+    cache, *found_in = caches
+    plans = {}
+    for spec in models:
+        try:
+            plans[spec.served_name] = onnx_export.prepare(spec.source, cache, tuple(found_in))
+        except Exception as exc:
+            if backend == "optimum":
+                raise
+            logger.info("model %s: served by torch, not ONNX Runtime: %s", spec.served_name,
+                        one_line(exc))
+    return plans
+
+
+class CombinedEngine(Engine):
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.state, self.failure = "starting", ""
+        self.models: dict[str, ModelBackend] = {}
+        self._parts: list[Engine] | None = None
+        self._plans: dict[str, OnnxPlan] = {}
+        self._lock: asyncio.Lock | None = None
+
+    def load(self) -> None:
+        """Plan, export where needed, and open the ONNX Runtime sessions; build (not load) the
+        infinity engine for the rest. Blocking."""
+        if self._parts is not None:
+            return
+        settings = self.settings
+        for spec in settings.models:
+            if spec.bundled:
+                logger.info("MODEL_NAMES is unset: serving the bundled %s from %s (offline)",
+                            spec.served_name, spec.source)
+        prepare_infinity_environment(settings)
+        prepare_model_cache(settings)
+        plans = onnx_plans(settings, device_hint(settings), onnx_cache_dirs(settings))
+        parts: list[Engine] = []
+        onnx: set[str] = set()
+        if plans:
+            from .ort import OrtEngine
+
+            ort = OrtEngine(settings, plans)
+            ort.load()
+            for name, exc in ort.failed.items():
+                if settings.backend == "optimum":
+                    raise exc
+                logger.warning("model %s: ONNX Runtime could not load it, served by torch: %s",
+                               name, one_line(exc))
+            onnx = set(ort.models)
+            parts.append(ort)
+        rest = [spec for spec in settings.models if spec.served_name not in onnx]
+        if rest:
+            from .infinity import InfinityEngine
+
+            parts.append(InfinityEngine(settings, rest))
+        self._plans = plans
+        self._parts = parts
+
+    async def start(self) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # concurrent first jobs (RunPod) start the engines once
+            if self.state == "starting":
+                await self._start()
+
+    async def _start(self) -> None:
+        try:
+            await asyncio.to_thread(self.load)
+        except Exception as exc:
+            return self._fail(one_line(exc))
+        assert self._parts is not None
+        for part in self._parts:
+            await part.start()
+            if part.state == "failed":
+                return self._fail(part.failure)
+        specs = {spec.served_name: spec for spec in self.settings.models}
+        found = {name: model for part in self._parts for name, model in part.models.items()}
+        for name, spec in specs.items():  # MODEL_NAMES order
+            model = found[name]
+            prompts, default = model_config.served_prompts(spec.source, spec.prompts)
+            model.info = replace(model.info, prompts=prompts, default_prompt_name=default)
+            self.models[name] = model
+            _log_model(model, spec, self._plans.get(name))
+        self.state = "ready"
+
+    def _fail(self, reason: str) -> None:
+        """Stay up and unready (503 with the reason) rather than crash-looping the worker."""
+        self.state, self.failure = "failed", reason
+        logger.error("model loading failed, the service stays unready: %s", reason)
+
+    async def stop(self) -> None:
+        if self.state == "ready":
+            self.state = "stopped"
+            for part in self._parts or []:
+                await part.stop()
+
+    def export_onnx(self, cache_dir: str) -> dict[str, str]:
+        """The ONNX exports this configuration would serve on a CPU, made now into `cache_dir`
+        (ahead of time: `embedding-worker download --onnx`, the image build); served name ->
+        directory."""
+        prepare_infinity_environment(self.settings)
+        prepare_model_cache(self.settings)
+        plans = onnx_plans(self.settings, "cpu", [cache_dir])
+        return {name: plan.directory for name, plan in plans.items()}
+
+
+def _log_model(model: ModelBackend, spec: ModelSpec, plan: OnnxPlan | None) -> None:
+    info = model.info
+    logger.info(
+        "model %s: source=%s backend=%s dtype=%s device=%s batch_size=%d capabilities=%s%s",
+        info.name, info.source, info.backend, info.dtype, info.device, info.batch_size,
+        ",".join(sorted(info.capabilities)),
+        f" onnx={plan.directory}" if plan is not None and info.backend == "optimum" else "",
+    )

@@ -1,0 +1,249 @@
+"""The lean CPU engine: text embedders and rerankers on ONNX Runtime, `tokenizers` and numpy.
+
+It imports neither infinity_emb nor torch, transformers or sentence-transformers, which are
+three quarters of a start (docs/performance.md). A model comes as an `onnx_export.OnnxPlan`
+(its directory, pooling, window, whether it normalises); the export itself, which needs torch,
+runs in a child process (`onnx_export.prepare`). Per batch: tokenise with the model's own
+tokenizer.json, run the session in groups of similar length (`grouping`), pool as its
+sentence-transformers config says, normalise where its modules do; a cross-encoder's score is its
+logit. A batch that raises is redone item by item (`fault_guard`), so only the failing items'
+requests fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import ConfigError, ModelSpec, Settings
+from .base import Engine, Fault, Heartbeat, ModelBackend, ModelInfo, QueueStats, Rows, Tokens
+from .fault_guard import FaultGuard
+from .grouping import GROUP_TOKENS, token_groups
+from .onnx_export import OnnxPlan, onnx_files
+
+logger = logging.getLogger("embedding_worker")
+
+POOLINGS = ("mean", "cls", "last")
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One batch, tokenised: its rows' ids, attention masks and token types, unpadded."""
+
+    ids: list[list[int]]
+    types: list[list[int]]
+
+
+class OrtModel(ModelBackend):
+    def __init__(self, spec: ModelSpec, plan: OnnxPlan, settings: Settings):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        directory = Path(plan.directory)
+        self.spec, self.plan = spec, plan
+        files = onnx_files(directory)
+        if not files:
+            raise ConfigError(f"no .onnx file in {directory}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(files[0]), options,
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.output = self.session.get_outputs()[0].name  # last_hidden_state or logits
+        self.cross_encoder = plan.pooling == "auto"
+        tokenizer_file = _tokenizer_file(Path(spec.source), directory)
+        self.window = _window(spec.source, directory, plan.window)
+        # one tokenizer that truncates (the model's input), one that does not (counts, offsets);
+        # each used under its lock: a Rust tokenizer's truncation settings are shared state
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.window)
+        self.counter = Tokenizer.from_file(str(tokenizer_file))
+        self.counter.no_padding()
+        self.counter.no_truncation()
+        self.pad_id = _pad_id(directory, self.tokenizer)
+        self._lock = threading.Lock()  # the session runs one batch at a time, on all cores
+        self._counter_lock = threading.Lock()
+        self.guard = FaultGuard(spec.served_name, Heartbeat(settings.engine_stall_timeout))
+        self.heartbeat = self.guard.heartbeat
+        self._pre, self._core, self._post = self.guard.guard_stages(self._encode, self._run,
+                                                                    self._finish)
+        self.special = self.tokenizer.num_special_tokens_to_add(is_pair=False)
+        capability = "rerank" if self.cross_encoder else "embed"
+        self.info = ModelInfo(
+            name=spec.served_name, source=spec.source, backend="optimum", dtype=spec.dtype,
+            device="cpu", batch_size=spec.batch_size, capabilities=frozenset({capability}),
+            window=self.window, dimensions=None if self.cross_encoder else self._dimensions(),
+            special_tokens=self.special,
+            raw_vectors=True, pooling=None if self.cross_encoder else plan.pooling,
+        )
+
+    def _dimensions(self) -> int:
+        return int(self._embed_now(["dimensions"])[0].shape[0])
+
+    # --- the three stages (wrapped by the fault guard) ---
+
+    def _encode(self, items: list[Any]) -> _Batch:
+        """Texts, or (query, document) pairs: truncated longest-first, as transformers does."""
+        encodings = self.tokenizer.encode_batch(items)
+        return _Batch([e.ids for e in encodings], [e.type_ids for e in encodings])
+
+    def _run(self, batch: _Batch) -> np.ndarray:
+        """The session on groups of similar length, each padded to its own longest row."""
+        lengths = [len(ids) for ids in batch.ids]
+        groups = token_groups(lengths, GROUP_TOKENS)
+        out: np.ndarray | None = None
+        for rows in groups:
+            width = max(lengths[i] for i in rows)
+            ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            types = np.zeros((len(rows), width), dtype=np.int64)
+            for j, i in enumerate(rows):
+                n = lengths[i]
+                ids[j, :n], mask[j, :n], types[j, :n] = batch.ids[i], 1, batch.types[i]
+            feed = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in self.inputs:
+                feed["token_type_ids"] = types
+            with self._lock:
+                result = self.session.run([self.output], feed)[0]
+            pooled = result[:, 0] if self.cross_encoder else self._pool(result, mask)
+            if out is None:
+                out = np.empty((len(lengths), *pooled.shape[1:]), dtype=np.float32)
+            out[rows] = pooled
+        assert out is not None
+        return out
+
+    def _pool(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        pooling = self.plan.pooling
+        if pooling == "cls":
+            pooled = tokens[:, 0]
+        elif pooling == "last":
+            pooled = tokens[np.arange(len(mask)), mask.sum(1) - 1]
+        else:
+            weights = mask[..., None].astype(tokens.dtype)
+            pooled = (tokens * weights).sum(1) / np.clip(weights.sum(1), 1e-9, None)
+        if self.plan.normalizes:  # the model's own Normalize module
+            norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+            pooled = pooled / np.clip(norms, 1e-12, None)
+        return pooled.astype(np.float32, copy=False)
+
+    def _finish(self, out: np.ndarray) -> list[Any]:
+        return list(out)
+
+    # --- the seam ---
+
+    def _embed_now(self, items: list[Any]) -> list[Any]:
+        return self._post(self._core(self._pre(items)))
+
+    async def embed(self, texts: list[str]) -> Rows:
+        # usage 0: the core counts each request's own (`usage`), as batches mix requests
+        return await asyncio.to_thread(self._embed_now, texts), 0
+
+    async def score(self, pairs: list[tuple[str, str]]) -> Rows:
+        rows = await asyncio.to_thread(self._embed_now, pairs)
+        return [row if isinstance(row, Fault) else float(row) for row in rows], 0
+
+    async def embed_images(self, images: list[Any]) -> Rows:
+        raise NotImplementedError("the ONNX Runtime engine serves text models only")
+
+    async def classify(self, texts: list[str]) -> Rows:
+        raise NotImplementedError("the ONNX Runtime engine serves no classifier")
+
+    @property
+    def last_fault(self) -> str:
+        return self.guard.last_fault
+
+    def usage(self, texts: list[str]) -> int:
+        """Text tokens as the model saw them: special tokens excluded, cut at the window."""
+        with self._counter_lock:
+            encodings = self.counter.encode_batch(texts, add_special_tokens=False)
+        return sum(min(len(e.ids), self.window - self.special) for e in encodings)
+
+    def count_tokens(self, texts: list[str], pairs_with: str | None = None) -> list[int]:
+        inputs = texts if pairs_with is None else [(pairs_with, t) for t in texts]
+        with self._counter_lock:
+            return [len(e.ids) for e in self.counter.encode_batch(inputs)]
+
+    def tokenize(self, texts: list[str], add_special_tokens: bool = False) -> list[Tokens]:
+        with self._counter_lock:
+            encodings = self.counter.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [Tokens(e.ids, list(e.offsets), list(e.word_ids), list(e.tokens),
+                       [bool(m) for m in e.special_tokens_mask]) for e in encodings]
+
+    def decode(self, ids: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        with self._counter_lock:
+            return self.counter.decode_batch(ids, skip_special_tokens=skip_special_tokens)
+
+    def queue(self) -> QueueStats:
+        return QueueStats(0.0, 0, 0)  # nothing waits here: the core's batchers hold the queue
+
+
+class OrtEngine(Engine):
+    """The models ONNX Runtime serves, each from its plan."""
+
+    def __init__(self, settings: Settings, plans: dict[str, OnnxPlan]):
+        self.settings = settings
+        self.plans = plans
+        self.state, self.failure = "starting", ""
+        self.models: dict[str, ModelBackend] = {}
+        self.failed: dict[str, Exception] = {}  # models ONNX Runtime could not load
+
+    def load(self) -> None:
+        specs = {spec.served_name: spec for spec in self.settings.models}
+        for name, plan in self.plans.items():
+            if name in self.models or name in self.failed:
+                continue
+            try:
+                self.models[name] = OrtModel(specs[name], plan, self.settings)
+            except Exception as exc:  # noqa: BLE001 - the caller decides: torch, or a failure
+                self.failed[name] = exc
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.load)
+        self.state = "ready"
+
+    async def stop(self) -> None:
+        self.state = "stopped"
+
+
+def _tokenizer_file(source: Path, directory: Path) -> Path:
+    for root in (directory, source):
+        if (root / "tokenizer.json").is_file():
+            return root / "tokenizer.json"
+    raise ConfigError(f"no tokenizer.json in {directory} (the ONNX Runtime engine reads the "
+                      f"model's fast tokenizer); use BACKEND=torch")
+
+
+def _window(source: str, directory: Path, st_window: int | None) -> int:
+    """What infinity's torch path truncates at: sentence-transformers' max_seq_length, else the
+    tokenizer's limit, within the position embeddings (RoBERTa: 514 positions, 512 tokens)."""
+    limits = [st_window]
+    for name in ("tokenizer_config.json", "config.json"):
+        path = directory / name if (directory / name).is_file() else Path(source) / name
+        if path.is_file():
+            config = json.loads(path.read_text())
+            value = config.get("model_max_length" if name.startswith("tokenizer")
+                               else "max_position_embeddings")
+            if isinstance(value, int) and 0 < value < 1_000_000:
+                limits.append(value)
+    found = [limit for limit in limits if limit]
+    if not found:
+        raise ConfigError(f"{source}: no window (max_seq_length, model_max_length)")
+    return min(found)
+
+
+def _pad_id(directory: Path, tokenizer: Any) -> int:
+    config = directory / "config.json"
+    if config.is_file():
+        value = json.loads(config.read_text()).get("pad_token_id")
+        if isinstance(value, int):
+            return value
+    return tokenizer.token_to_id("[PAD]") or 0
+
