@@ -116,7 +116,6 @@ async def test_cut_connections_do_not_leak_from_the_pool(image_host):
                         http_client_max_keepalive_connections=1,
                         image_fetch_allowed_networks="127.0.0.2/32")
     fetcher = ImageFetcher(settings)
-    await fetcher.start()
     try:
         for _ in range(3):
             with pytest.raises(BadRequest, match=r"input\[0\]: fetching timed out after 0.4 s"):

@@ -20,7 +20,6 @@ def fetcher(**overrides):
 @pytest.fixture
 async def default():
     f = fetcher()
-    await f.start()
     yield f
     await f.stop()
 
@@ -28,7 +27,6 @@ async def default():
 @pytest.fixture
 async def trusting():
     f = fetcher(image_fetch_allow_private=True, image_fetch_allowed_networks="")
-    await f.start()
     yield f
     await f.stop()
 

@@ -1,6 +1,7 @@
-"""`embedding-worker serve | runpod | auto`: the image's entry point.
+"""`embedding-worker serve | runpod | auto | download`: the image's entry point.
 
-auto (the default) runs the RunPod handler inside RunPod workers and `bentoml serve` elsewhere.
+auto (the default) runs the RunPod handler inside RunPod workers and serves the BentoML service
+in one process elsewhere (`api.serve`; `bentoml serve` does the same with an arbiter process).
 """
 
 from __future__ import annotations
@@ -22,11 +23,6 @@ def service_dir() -> Path:
         if (candidate / "service.py").is_file():
             return candidate
     raise SystemExit("service.py not found beside the package or in the current directory")
-
-
-def serve_command(settings: Settings, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--working-dir", str(service_dir()),
-            "--host", settings.host, "--port", str(settings.port), *extra]
 
 
 def download(settings: Settings, cache_dir: str | None, onnx_dir: str | None) -> None:
@@ -67,8 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     if mode == "auto":
         mode = "runpod" if settings.on_runpod else "serve"
     if mode == "serve":
-        command = serve_command(settings, extra)
-        os.execv(command[0], command)
+        if extra:
+            parser.error(f"serve takes no options ({' '.join(extra)}); HOST and PORT set the "
+                         f"address, and `bentoml serve {SERVICE}` takes BentoML's options")
+        from .api.serve import serve
+
+        serve(settings, service_dir())
+        return
     from .api.runpod import start
 
     sys.argv = [sys.argv[0], *extra]  # the SDK parses its own --rp_* flags

@@ -338,6 +338,15 @@ def onnx_cache_dirs(settings: Settings) -> list[str]:
     return dirs
 
 
+def prepare_single_process() -> None:
+    """What `bentoml serve`'s arbiter gives its worker and one-process serving must give itself:
+    a directory for the Prometheus client's multi-process mode, which BentoML's /metrics reads."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="embedding-worker-metrics-")
+
+
 def prepare_model_cache(settings: Settings) -> None:
     cache = model_cache_dir(settings)
     if cache is not None:

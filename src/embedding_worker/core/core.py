@@ -1,11 +1,14 @@
 """`Core`: the engine, the pipeline and the endpoint families of one process, started together.
 
 Transports call the families (`core.models`, `core.embeddings`, `core.rerank`, `core.classify`,
-`core.tokenize`, and the batch items) or a dialect over them (`core.cohere`, `core.tei`) with parsed JSON bodies and get response dicts back (embeddings as numpy
-rows, see `encoding.dumps`) or an `errors.APIError`. Nothing here knows HTTP or RunPod.
+`core.tokenize`, and the batch items) or a dialect over them (`core.cohere`, `core.tei`) with
+parsed JSON bodies and get response dicts back (embeddings as numpy rows, see `encoding.dumps`)
+or an `errors.APIError`. Nothing here knows HTTP or RunPod.
 """
 
 from __future__ import annotations
+
+import logging
 
 from ..config import Settings
 from ..engine import create_engine
@@ -19,6 +22,9 @@ from .models import Models
 from .pipeline import Pipeline
 from .rerank import Rerank
 from .tokenize import Tokenize
+
+
+logger = logging.getLogger("embedding_worker")
 
 
 class Core:
@@ -37,12 +43,12 @@ class Core:
         self.tei = Tei(self.models, self.embeddings, self.rerank, self.classify, self.tokenize)
 
     async def start(self) -> None:
-        await self.images.start()
-        await self.engine.start()
+        await self.engine.start()  # the image fetcher opens its client at its first fetch
 
     async def stop(self) -> None:
         await self.engine.stop()
         await self.images.stop()
+        logger.info("stopped: the engines are shut down")
 
     @property
     def stalled(self) -> list[str]:

@@ -21,11 +21,10 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import httpx
-
 from .errors import BadRequest, too_many
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # httpx and PIL are imported on the first image: not by a text-only service
+    import httpx
     from PIL.Image import Image
 
     from ..config import Settings
@@ -186,15 +185,17 @@ def parse_data_uri(uri: str, max_bytes: int) -> bytes:
 
 
 class ImageFetcher:
-    """Loads the image items of a request. One shared httpx client, opened at start-up."""
+    """Loads the image items of a request. One shared httpx client, opened at the first fetch."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.policy = ImagePolicy.from_settings(settings)
         self._client: httpx.AsyncClient | None = None
 
-    async def start(self) -> None:
+    def _open(self) -> httpx.AsyncClient:
         if self._client is None:
+            import httpx
+
             s = self.settings
             self._client = httpx.AsyncClient(
                 headers={"User-Agent": s.http_client_user_agent, "Accept": "image/*,*/*;q=0.8"},
@@ -206,6 +207,7 @@ class ImageFetcher:
                 follow_redirects=False,  # each hop is vetted in `_fetch`
                 trust_env=False,  # no proxy from the environment: it would bypass the vetting
             )
+        return self._client
 
     async def stop(self) -> None:
         if self._client is not None:
@@ -260,6 +262,8 @@ class ImageFetcher:
 
     async def _fetch(self, url: str) -> tuple[bytes, str]:
         """The body of `url` after any redirects, and a note when its type was text/*."""
+        import httpx
+
         for _ in range(self.policy.max_redirects + 1):
             try:
                 target = httpx.URL(url)
@@ -283,17 +287,19 @@ class ImageFetcher:
 
     async def _connect(self, target: httpx.URL, addresses: list[str]) -> httpx.Response:
         """Send to the vetted addresses only (no second DNS lookup), trying each on connect errors."""
-        assert self._client is not None
+        import httpx
+
+        client = self._open()
         error: Exception | None = None
         for address in addresses:
-            request = self._client.build_request(
+            request = client.build_request(
                 "GET",
                 target.copy_with(host=address),
                 headers={"Host": target.netloc.decode("ascii")},
                 extensions={"sni_hostname": target.host} if target.scheme == "https" else {},
             )
             try:
-                return await self._client.send(request, stream=True)
+                return await client.send(request, stream=True)
             except httpx.ConnectError as exc:
                 error = exc
             except httpx.HTTPError as exc:
@@ -302,6 +308,8 @@ class ImageFetcher:
         raise ImageError(f"could not fetch from {target.host}: {type(error).__name__}")
 
     async def _read(self, response: httpx.Response, host: str) -> tuple[bytes, str]:
+        import httpx
+
         if not response.is_success:
             raise ImageError(f"HTTP {response.status_code} from {host}")
         # The body is judged by its content (a misconfigured bucket may label a PNG text/plain);

@@ -1,0 +1,102 @@
+"""What a start costs: `embedding-worker serve` is one process that imports only what the
+configuration uses (no torch, transformers, sentence-transformers or infinity for models ONNX
+Runtime serves; no PIL or httpx without an image; no RunPod SDK outside RunPod mode), and it still
+does what `bentoml serve` does: routes, batchable methods, /metrics, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from conftest import MINILM, SCRATCH_CACHE
+from server import ROOT, clean_env, free_port
+
+pytestmark = pytest.mark.slow
+
+HEAVY = {"torch", "transformers", "sentence_transformers", "infinity_emb", "optimum"}
+IMAGE_STACK = {"PIL"}  # (httpx comes with BentoML itself; our fetcher's client opens on an image)
+
+
+def imported(log: str) -> set[str]:
+    """Top-level packages a process imported, from its PYTHONPROFILEIMPORTTIME lines."""
+    return {match.group(1).split(".")[0]
+            for match in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s+([\w.]+)", log, re.M)}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = clean_env(PORT=str(port), HOST="127.0.0.1", PYTHONPROFILEIMPORTTIME="1",
+                    XDG_CACHE_HOME=SCRATCH_CACHE)
+    env.pop("ONNX_CACHE", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "embedding_worker", "serve"], cwd=ROOT,
+                                env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    yield proc, url, log
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_serve_is_one_process_that_imports_no_torch(served):
+    proc, url, log = served
+    answer = httpx.post(f"{url}/v1/embeddings", json={"model": MINILM, "input": ["a", "b"]})
+    assert answer.status_code == 200 and len(answer.json()["data"]) == 2
+    assert psutil.Process(proc.pid).children(recursive=True) == []  # no arbiter, no worker
+    modules = imported(log.read_text())
+    assert "bentoml" in modules and "onnxruntime" in modules and "tokenizers" in modules
+    assert not modules & (HEAVY | IMAGE_STACK | {"runpod"}), modules & (HEAVY | IMAGE_STACK)
+
+
+def test_serve_has_what_bentoml_serve_has(served):
+    _, url, _ = served
+    batch = httpx.post(f"{url}/batch/embed", json={"items": [{"model": MINILM, "text": "x"}]})
+    assert batch.status_code == 200 and len(batch.json()[0]) == 384
+    httpx.post(f"{url}/v1/embeddings", json={"model": MINILM, "input": "counted"})
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert re.search(r'embedding_worker_requests_total\{model="[^"]+",operation="embed",'
+                     r'outcome="ok"\} [1-9]', metrics)
+    assert "bentoml_service_request_total" in metrics  # BentoML's own instruments too
+    assert httpx.get(f"{url}/livez").status_code == 200
+    assert httpx.get(f"{url}/v1/openapi.json").status_code == 200
+    assert httpx.post(f"{url}/v1/embeddings", json={"model": "nope", "input": "x"}).status_code == 404
+
+
+def test_sigterm_finishes_accepted_requests_then_exits(served):
+    proc, url, log = served
+    results: list[int] = []
+    body = {"model": MINILM, "input": [f"text number {i} " * 40 for i in range(256)]}
+    sender = threading.Thread(target=lambda: results.append(
+        httpx.post(f"{url}/v1/embeddings", json=body, timeout=120).status_code))
+    sender.start()
+    time.sleep(0.5)  # accepted and computing
+    os.killpg(proc.pid, signal.SIGTERM)
+    sender.join(120)
+    assert results == [200]
+    # uvicorn re-raises the signal once it has shut down: the status says SIGTERM, as a
+    # container runtime expects of a process it stopped
+    assert proc.wait(60) in (0, -signal.SIGTERM)
+    assert "stopped: the engines are shut down" in log.read_text()  # the shutdown hook ran
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/livez", timeout=2)
