@@ -144,7 +144,9 @@ async def test_deadline_gives_504_and_drops_the_queued_work():
 
 async def test_client_gone_cancels_without_marking_a_stall():
     async with started(**minilm(engine_stall_timeout=0.2)) as core:
-        task = asyncio.ensure_future(core.embeddings.create({"model": MINILM, "input": [PASSAGE] * 64}))
+        # distinct texts: identical ones would be computed once (the embedding cache)
+        task = asyncio.ensure_future(core.embeddings.create(
+            {"model": MINILM, "input": [f"{i} {PASSAGE}" for i in range(64)]}))
         await asyncio.sleep(0.2)
         task.cancel()  # as a transport does when its caller leaves
         with pytest.raises(asyncio.CancelledError):
@@ -156,7 +158,8 @@ async def test_client_gone_cancels_without_marking_a_stall():
 async def test_readiness_turns_false_while_the_batch_loop_makes_no_progress():
     # one batch of 96 long passages keeps the loop busy for seconds on a small CPU
     async with started(**minilm(engine_stall_timeout=0.3, batch_sizes="96")) as core:
-        task = asyncio.ensure_future(core.embeddings.create({"model": MINILM, "input": [PASSAGE * 2] * 96}))
+        task = asyncio.ensure_future(core.embeddings.create(
+            {"model": MINILM, "input": [f"{i} {PASSAGE * 2}" for i in range(96)]}))
         seen = []
         while not task.done():
             seen.append(core.ready)

@@ -53,6 +53,7 @@ class ModelSpec:
     dtype: str  # infinity Dtype name
     bundled: bool = False
     prompts: tuple[tuple[str, str], ...] = ()  # PROMPTS: (name, text), over the model's own
+    cache: bool = True  # EMBEDDING_CACHE: its embeddings kept in the process's cache
 
 
 def _split(value: str) -> list[str]:
@@ -111,6 +112,9 @@ class Settings(BaseSettings):
     model_warmup: bool = False
     onnx_cache: str = ""  # where ONNX Runtime's exports are kept (see onnx_cache_dir)
     prompts: str = ""  # per model: name=text pairs, see parse_prompts
+    # repeated texts from memory (core/cache.py): the cache's size, and per model on or off
+    embedding_cache_mb: float = Field(128.0, ge=0)
+    embedding_cache: str = "on"
     # --- request limits ---
     max_input_items: int = Field(2048, ge=1)
     max_rerank_documents: int = Field(2048, ge=1)
@@ -259,10 +263,18 @@ class Settings(BaseSettings):
                 f"expected auto or fp32"
             )
 
+        caches = []
+        for raw in per_model("EMBEDDING_CACHE", self.embedding_cache, ["on"]):
+            if raw.lower() not in ("on", "off", "true", "false"):
+                raise ConfigError(f"EMBEDDING_CACHE={self.embedding_cache!r}: {raw!r} is not on "
+                                  f"or off")
+            caches.append(raw.lower() in ("on", "true"))
+
         prompts = parse_prompts(self.prompts, n)
         return tuple(
-            ModelSpec(source=s, served_name=name, batch_size=b, dtype=d, bundled=bundled, prompts=p)
-            for s, name, b, d, p in zip(sources, served, batch_sizes, dtypes, prompts)
+            ModelSpec(source=s, served_name=name, batch_size=b, dtype=d, bundled=bundled,
+                      prompts=p, cache=c)
+            for s, name, b, d, p, c in zip(sources, served, batch_sizes, dtypes, prompts, caches)
         )
 
 

@@ -59,7 +59,7 @@ class Classify:
             if refuse:
                 await pipeline.check_window(model, field, texts, why=(
                     "truncate=false" if truncate is False else "TRUNCATE_INPUTS=false"))
-            call = pipeline.batched(model, self.batcher(model), texts, texts)
+            call = pipeline.batched(model, self.batcher(model).submit(texts), texts)
             logits, served.tokens = await pipeline.compute(model, call, served)
             pipeline.raise_faults(model, field, logits)
         scores = np.stack(logits)

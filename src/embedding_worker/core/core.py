@@ -13,6 +13,7 @@ import logging
 from ..config import Settings
 from ..engine import create_engine
 from ..engine.base import Engine
+from .cache import EmbeddingCache
 from .classify import Classify
 from .dialects.cohere import CohereEmbed
 from .dialects.tei import Tei
@@ -34,7 +35,9 @@ class Core:
         self.images = ImageFetcher(settings)
         self.pipeline = Pipeline(settings)
         self.models = Models(settings, self.engine)
-        self.embeddings = Embeddings(self.pipeline, self.models, self.images)
+        cache_bytes = int(settings.embedding_cache_mb * 2**20)
+        self.cache = EmbeddingCache(cache_bytes) if cache_bytes else None
+        self.embeddings = Embeddings(self.pipeline, self.models, self.images, self.cache)
         self.rerank = Rerank(self.pipeline, self.models)
         self.classify = Classify(self.pipeline, self.models)
         self.tokenize = Tokenize(self.pipeline, self.models)

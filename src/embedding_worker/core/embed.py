@@ -8,7 +8,7 @@ normalisation and `dimensions`. Output types and encodings are the dialect's (`e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from ..engine.base import ModelBackend
 from ..observability import metrics
 from . import schemas
 from .batching import PerModel
+from .cache import EmbeddingCache
 from .encoding import as_matrix, encode_rows, quantize, vectors
 from .errors import BadRequest, NotImplementedModality, too_many
 from .images import ImageFetcher
@@ -54,11 +55,22 @@ class Embedded:
 
 
 class Embeddings:
-    def __init__(self, pipeline: Pipeline, models: Models, images: ImageFetcher):
+    def __init__(self, pipeline: Pipeline, models: Models, images: ImageFetcher,
+                 cache: EmbeddingCache | None = None):
         self.pipeline = pipeline
         self.models = models
         self.images = images
         self.batcher = PerModel(lambda model: model.embed, len)
+        self.cache = cache
+        self.cached = {spec.served_name for spec in pipeline.settings.models if spec.cache}
+
+    def _rows(self, model: ModelBackend, texts: list[str]) -> Awaitable[list[Any]]:
+        """The texts' rows: through the cache where the model's are kept, else the batcher."""
+        submit = self.batcher(model).submit
+        name = model.info.name
+        if self.cache is None or name not in self.cached:
+            return submit(texts)
+        return self.cache.rows(name, texts, submit)
 
     async def create(self, body: Any) -> dict[str, Any]:
         """`POST /v1/embeddings`: OpenAI's body, with Jina's and Cohere's fields beside it."""
@@ -106,7 +118,7 @@ class Embeddings:
                     rows[i] = row
             if text_at:
                 texts = await self._fit(model, texts, prompt, job, text_at)  # type: ignore[arg-type]
-                call = pipeline.batched(model, self.batcher(model), texts, texts)
+                call = pipeline.batched(model, self._rows(model, texts), texts)
                 found, tokens = await pipeline.compute(model, call, served)
                 served.tokens += tokens
                 for i, row in zip(text_at, found):
@@ -145,7 +157,7 @@ class Embeddings:
             for i in positions:  # the prompt was checked before batching (api.batch)
                 prompt = choose_prompt(model, items[i].prompt_name, None, None)
                 texts.append(prompt.text + items[i].text)
-            found = await self.pipeline.compute(model, self.batcher(model).submit(texts))
+            found = await self.pipeline.compute(model, self._rows(model, texts))
             self.pipeline.raise_faults(model, "items", found)
             matrix = vectors(as_matrix(found), None, True, model.info.raw_vectors)
             for i, vector in zip(positions, matrix):

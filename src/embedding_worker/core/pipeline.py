@@ -23,7 +23,6 @@ from ..config import Settings
 from ..engine.base import Fault, ModelBackend, is_fault
 from ..observability import metrics
 from ..observability.logs import annotate
-from .batching import LengthBatcher
 from .errors import (
     APIError,
     BadRequest,
@@ -171,15 +170,15 @@ class Pipeline:
         finally:
             model.heartbeat.finished(abandoned=abandoned)
 
-    async def batched(self, model: ModelBackend, batcher: LengthBatcher, inputs: list[Any],
+    async def batched(self, model: ModelBackend, rows: Awaitable[list[Any]],
                       texts: list[str]) -> tuple[list[Any], int]:
-        """Results for `inputs` through the model's batcher, and the request's own usage (the
-        batcher mixes requests, so the engine's count per call is not this request's)."""
+        """`rows` (the model's batcher's, or the cache's, results for this request's inputs) and
+        the request's own usage, counted beside them (the batcher mixes requests, so the
+        engine's count per call is not this request's)."""
         if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
-            return await batcher.submit(inputs), model.usage(texts)
-        rows, tokens = await asyncio.gather(batcher.submit(inputs),
-                                            asyncio.to_thread(model.usage, texts))
-        return rows, tokens
+            return await rows, model.usage(texts)
+        found, tokens = await asyncio.gather(rows, asyncio.to_thread(model.usage, texts))
+        return found, tokens
 
     @staticmethod
     def raise_faults(model: ModelBackend, field: str, results: Sequence[Any]) -> None:

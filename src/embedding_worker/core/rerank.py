@@ -61,8 +61,8 @@ class Rerank:
                 await self.pipeline.check_window(model, "documents", documents, query, why=(
                     "truncate=false" if truncate is False else "TRUNCATE_INPUTS=false"))
             # usage as infinity counts it: query and document as one text
-            call = self.pipeline.batched(model, self.batcher(model),
-                                         [(query, d) for d in documents],
+            pairs = [(query, d) for d in documents]
+            call = self.pipeline.batched(model, self.batcher(model).submit(pairs),
                                          [query + d for d in documents])
             scores, served.tokens = await self.pipeline.compute(model, call, served)
             # top_n is applied after the fault check: a failed document must not hide behind it

@@ -38,6 +38,9 @@ def _get() -> dict[str, Any]:
                             multiprocess_mode="livesum"),
                 batch=Histogram(PREFIX + "batch_size", "Items per batch the model computed", ["model"],
                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)),
+                cache=Counter(PREFIX + "cache_lookups",
+                              "Texts looked up in the embedding cache: hit, coalesced (computed "
+                              "for another request in flight) or miss", ["model", "result"]),
                 latency=Histogram(PREFIX + "request_seconds", "Time in the core per request",
                                   ["operation", "model"],
                                   buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)),
@@ -70,3 +73,10 @@ def queue_depth(model: str, depth: int) -> None:
 
 def batch_size(model: str, size: int) -> None:
     _get()["batch"].labels(model).observe(size)
+
+
+def cache(model: str, hits: int, coalesced: int, misses: int) -> None:
+    counter = _get()["cache"]
+    for result, count in (("hit", hits), ("coalesced", coalesced), ("miss", misses)):
+        if count:
+            counter.labels(model, result).inc(count)

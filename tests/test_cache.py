@@ -1,0 +1,96 @@
+"""The embedding cache (core/cache.py): repeated texts come from memory with the same numbers,
+identical texts in flight are computed once, the size bound holds, faults are not kept, and a
+model can be left out."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from conftest import running
+from embedding_worker.core.cache import EmbeddingCache
+
+
+class Counting:
+    """An engine call that records what it computed (the cache's `compute`)."""
+
+    def __init__(self, delay: float = 0.0, fail: set[str] = frozenset()):
+        self.calls: list[list[str]] = []
+        self.delay, self.fail = delay, fail
+
+    async def __call__(self, texts: list[str]) -> list:
+        self.calls.append(list(texts))
+        await asyncio.sleep(self.delay)
+        return [float("nan") if t in self.fail else np.full(4, len(t), np.float32) for t in texts]
+
+
+async def test_hits_and_duplicates_are_not_computed_again():
+    cache, compute = EmbeddingCache(10**6), Counting()
+    first = await cache.rows("m", ["a", "bb", "a"], compute)
+    second = await cache.rows("m", ["bb", "ccc"], compute)
+    assert compute.calls == [["a", "bb"], ["ccc"]]
+    assert [r[0] for r in first] == [1, 2, 1] and [r[0] for r in second] == [2, 3]
+    other = await cache.rows("other", ["a"], compute)  # another model: its own entries
+    assert compute.calls[-1] == ["a"] and other[0][0] == 1
+
+
+async def test_identical_texts_in_flight_are_computed_once():
+    cache, compute = EmbeddingCache(10**6), Counting(delay=0.05)
+    results = await asyncio.gather(*(cache.rows("m", ["same", f"own {i}"], compute)
+                                     for i in range(5)))
+    computed = [t for call in compute.calls for t in call]
+    assert computed.count("same") == 1 and len(computed) == 6
+    assert all(r[0][0] == 4 for r in results)
+
+
+async def test_a_waiter_computes_itself_when_the_first_request_leaves():
+    cache, compute = EmbeddingCache(10**6), Counting(delay=0.2)
+    first = asyncio.ensure_future(cache.rows("m", ["shared"], compute))
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(cache.rows("m", ["shared"], compute))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    assert (await second)[0][0] == 6
+    assert compute.calls == [["shared"], ["shared"]]
+
+
+async def test_faults_are_not_kept_and_the_size_is_bounded():
+    cache, compute = EmbeddingCache(2000), Counting(fail={"bad"})
+    await cache.rows("m", ["bad"], compute)
+    await cache.rows("m", ["bad"], compute)
+    assert compute.calls == [["bad"], ["bad"]]
+    for i in range(50):
+        await cache.rows("m", [f"text {i}"], compute)
+    assert 0 < len(cache) < 50 and cache.bytes <= 2000
+    await cache.rows("m", ["text 49"], compute)  # the most recent stays: not computed again
+    assert len(compute.calls) == 52
+    await cache.rows("m", ["text 0"], compute)  # the oldest was evicted
+    assert compute.calls[-1] == ["text 0"]
+
+
+async def test_through_the_core_the_numbers_are_the_same(tiny_models):
+    texts = ["a query", "a document about caching", "a query"]
+    async with running(model_names=str(tiny_models["embed"]), served_model_names="m") as core:
+        model = core.models.get("m")
+        cold = await core.embeddings.create({"model": "m", "input": texts})
+        batches = model.heartbeat.batches
+        warm = await core.embeddings.create({"model": "m", "input": texts, "dimensions": 8,
+                                             "output_dtype": "int8"})
+        assert model.heartbeat.batches == batches  # nothing reached the engine
+        plain = await core.embeddings.create({"model": "m", "input": texts, "dimensions": 8,
+                                              "output_dtype": "int8", "prompt_name": None})
+        assert [d["embedding"].tolist() for d in warm["data"]] == \
+            [d["embedding"].tolist() for d in plain["data"]]
+        assert cold["usage"] == (await core.embeddings.create(
+            {"model": "m", "input": texts}))["usage"]  # usage counts the texts as before
+    async with running(model_names=str(tiny_models["embed"]), served_model_names="m",
+                       embedding_cache="off", backend="torch") as core:
+        model = core.models.get("m")
+        await core.embeddings.create({"model": "m", "input": texts})
+        batches = model.heartbeat.batches
+        again = await core.embeddings.create({"model": "m", "input": texts})
+        assert model.heartbeat.batches > batches  # off: computed again
+        np.testing.assert_allclose([d["embedding"] for d in again["data"]],
+                                   [d["embedding"] for d in cold["data"]], atol=1e-5)
