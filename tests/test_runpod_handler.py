@@ -3,6 +3,7 @@
 import base64
 import copy
 import json
+import time
 
 import numpy as np
 import pytest
@@ -278,3 +279,19 @@ async def test_every_route_runs_as_a_job(client, handler, route, body):
         message = error if isinstance(error, str) else error["message"]  # TEI's or OpenAI's
         assert job == {"error": message}
         assert runsync["status"] == "FAILED" and runsync["error"] == message
+
+
+def test_the_sdks_cpu_name_comes_without_a_subprocess(monkeypatch):
+    """runpod's debugger module asks py-cpuinfo for the CPU's name at import, which runs a second
+    Python (1.2 s of a start); the handler hands it /proc/cpuinfo's name first."""
+    import cpuinfo
+
+    from embedding_worker.api.runpod import cpu_name_without_a_subprocess
+
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", cpuinfo.get_cpu_info)  # restored afterwards
+    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+             if line.startswith("model name")]
+    cpu_name_without_a_subprocess()
+    started = time.perf_counter()
+    assert cpuinfo.get_cpu_info() == {"brand_raw": names[0]}
+    assert time.perf_counter() - started < 0.01

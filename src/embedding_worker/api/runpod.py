@@ -34,11 +34,25 @@ def make_handler(core: Core):
     return handler
 
 
+def cpu_name_without_a_subprocess() -> None:
+    """The SDK's debugger module asks py-cpuinfo for the CPU's name at import, and py-cpuinfo
+    starts a second Python to find it: 1.2 s of a 2.4 s start (docs/performance.md). On Linux the
+    name is /proc/cpuinfo's `model name`, which is what it reports there: hand it that."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                 if line.startswith("model name")]
+        import cpuinfo
+    except (OSError, ImportError):
+        return
+    if names:
+        cpuinfo.get_cpu_info = lambda: {"brand_raw": names[0]}
+
+
 def start(settings: Settings) -> None:
     """Load the weights before taking jobs (a cold start pays it once), then run the SDK loop.
     The SDK reads its own flags (`--rp_serve_api`, ...) from sys.argv."""
-    # Importing the SDK waits ~1 s on a subprocess (py-cpuinfo, run at import by its debugger
-    # module): let that wait overlap the weights' loading rather than precede it.
+    cpu_name_without_a_subprocess()
+    # the SDK's import (~0.5 s) overlaps the weights' loading rather than precede it
     with ThreadPoolExecutor(1) as pool:
         sdk = pool.submit(importlib.import_module, "runpod")
         core = Core(settings)
