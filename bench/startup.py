@@ -142,6 +142,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--starts", type=int, default=5)
+    parser.add_argument("--only", nargs="+", metavar="SERVER",
+                        help="these servers only (worker, worker-runpod, bentoml-serve; infinity "
+                             "always runs: the ratios are to it)")
+    parser.add_argument("--starts-only", action="store_true", help="no memory or export part")
     parser.add_argument("--out", type=Path,
                         default=HERE / "results" / time.strftime("startup-%Y%m%d-%H%M%S"))
     args = parser.parse_args()
@@ -158,7 +162,8 @@ def main() -> None:
     corpus = texts(str(minilm / "vocab.txt"), 2048)
     tokens = [len(ids) for ids in AutoTokenizer.from_pretrained(minilm)(
         corpus, truncation=True, max_length=256)["input_ids"]]
-    chosen = servers(models, args.out)
+    chosen = [t for t in servers(models, args.out)
+              if not args.only or t.name in args.only or t.name == "infinity"]
     report: dict = {"machine": {"cpu": platform.processor() or platform.machine(),
                                 "cores": os.cpu_count(),
                                 "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},
@@ -170,10 +175,11 @@ def main() -> None:
             name: {key: {"median": statistics.median(s[key] for s in runs),
                          "all": [s[key] for s in runs]}
                    for key in runs[0]} for name, runs in starts.items()}
-    for target in chosen:
-        report["memory"][target.name] = memory(target, corpus, tokens)
-        print(target.name, report["memory"][target.name], flush=True)
-    report["export"] = export_case(models, args.out, args.starts)
+    if not args.starts_only:
+        for target in chosen:
+            report["memory"][target.name] = memory(target, corpus, tokens)
+            print(target.name, report["memory"][target.name], flush=True)
+        report["export"] = export_case(models, args.out, args.starts)
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
     infinity = report["starts"]["warm"]["infinity"]["cold_start_first_embedding_s"]["median"]
     print("\n| page cache | server | start to ready (s) | to first embedding (s) | vs Infinity |")
@@ -184,6 +190,8 @@ def main() -> None:
             first = row["cold_start_first_embedding_s"]["median"]
             print(f"| {state} | {name} | {row['cold_start_ready_s']['median']:.2f} | {first:.2f} | "
                   f"{first / base:.2f}x |")
+    if args.starts_only:
+        return
     print("\n| server | idle RSS (MB) | peak RSS under load (MB) | vs Infinity (idle, load) |")
     print("| --- | --- | --- | --- |")
     theirs = report["memory"]["infinity"]
