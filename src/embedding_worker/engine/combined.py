@@ -78,8 +78,8 @@ class CombinedEngine(Engine):
         self._lock: asyncio.Lock | None = None
 
     def load(self) -> None:
-        """Plan, export where needed, and open the ONNX Runtime sessions; build (not load) the
-        infinity engine for the rest. Blocking."""
+        """Plan, export where needed, open the ONNX Runtime sessions and load infinity's weights
+        for the rest (its batch loops start in `start`). Blocking; raises on a load failure."""
         if self._parts is not None:
             return
         settings = self.settings
@@ -108,7 +108,9 @@ class CombinedEngine(Engine):
         if rest:
             from .infinity import InfinityEngine
 
-            parts.append(InfinityEngine(settings, rest))
+            infinity = InfinityEngine(settings, rest)
+            infinity.load()
+            parts.append(infinity)
         self._plans = plans
         self._parts = parts
 
