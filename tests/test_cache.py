@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-import pytest
 
 from conftest import running
 from embedding_worker.core.cache import EmbeddingCache

@@ -17,7 +17,6 @@ import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
 from . import grouping

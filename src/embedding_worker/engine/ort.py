@@ -30,12 +30,10 @@ from .onnx_export import OnnxPlan, onnx_files
 
 logger = logging.getLogger("embedding_worker")
 
-POOLINGS = ("mean", "cls", "last")
-
 
 @dataclass(frozen=True)
 class _Batch:
-    """One batch, tokenised: its rows' ids, attention masks and token types, unpadded."""
+    """One batch, tokenised: its rows' ids and token types, unpadded."""
 
     ids: list[list[int]]
     types: list[list[int]]
