@@ -115,8 +115,13 @@ def test_tei_errors(client, path, body, status):
     TeiError.model_validate_json(response.content)
 
 
-def test_cohere_errors_are_openai_envelopes(client):
-    response = client.post("/v2/embed", json={"model": MINILM, "texts": ["a"], "images": ["b"]})
+@pytest.mark.parametrize("body, message", [
+    ({"model": MINILM, "texts": ["a"], "images": ["b"]}, "exactly one of texts, images, inputs"),
+    ({"model": MINILM, "inputs": [{"content": ["a"]}]}, "inputs[0].content[0]: expected"),
+    ({"model": MINILM, "inputs": [{"content": [{"type": "text", "text": " "}]}]},
+     "inputs[0].content[0]: expected"),
+])
+def test_cohere_errors_are_openai_envelopes(client, body, message):
+    response = client.post("/v2/embed", json=body)
     assert response.status_code == 400
-    assert "exactly one of texts, images, inputs" in ErrorResponse.model_validate_json(
-        response.content).error.message
+    assert message in ErrorResponse.model_validate_json(response.content).error.message

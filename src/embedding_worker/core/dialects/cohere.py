@@ -107,7 +107,7 @@ def _content(inputs: list[dict[str, Any]]) -> list[str | Image]:
             raise BadRequest(
                 f"inputs[{i}]: mixes {what} into one vector, which no model served here can fuse; "
                 f"send each part as its own input", param="inputs", code="fusion_not_supported")
-        part = parts[0]
+        part = parts[0] if isinstance(parts[0], dict) else {}
         if part.get("type") == "text" and isinstance(part.get("text"), str) \
                 and part["text"].strip():
             out.append(part["text"])
