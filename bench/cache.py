@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from load import run_cell  # noqa: E402
-from run import INFINITY_PY, Target, free_port, make_reranker, targets, tree_cpu_seconds  # noqa: E402
+from run import INFINITY_PY, Target, bench_models, free_port, targets, tree_cpu_seconds  # noqa: E402
 from workload import texts  # noqa: E402
 
 POPULAR, ZIPF_S = 1000, 1.1
@@ -92,12 +92,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if not INFINITY_PY.exists():
         sys.exit(f"{INFINITY_PY} missing: see bench/README.md to create Infinity's environment")
-    from embedding_worker.config import bundled_model_path
-
-    minilm = Path(bundled_model_path())
-    models = {"minilm": minilm,
-              "reranker": make_reranker(HERE / "results" / "minilm-reranker", str(minilm))}
-    corpus = texts(str(minilm / "vocab.txt"), 4096, seed=7)
+    models, _, _ = bench_models()
+    minilm = models["minilm"]
+    corpus = texts(str(minilm / "vocab.txt"), 4096, seed=7)  # as docs/performance.md's run
     base = {t.name: t for t in targets(models, args.out)}
     worker, infinity = base["worker"], base["infinity"]
     servers = [

@@ -61,6 +61,22 @@ def make_reranker(path: Path, embedder: str) -> Path:
     return path
 
 
+def bench_models() -> tuple[dict[str, Path], list[str], list[int]]:
+    """The benchmark's models (the bundled MiniLM and a cross-encoder of its shape), its corpus
+    of 2048 texts and their token counts."""
+    from transformers import AutoTokenizer
+
+    from embedding_worker.config import bundled_model_path
+
+    minilm = Path(bundled_model_path())
+    models = {"minilm": minilm,
+              "reranker": make_reranker(HERE / "results" / "minilm-reranker", str(minilm))}
+    corpus = texts(str(minilm / "vocab.txt"), 2048)
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    tokens = [len(ids) for ids in tokenizer(corpus, truncation=True, max_length=256)["input_ids"]]
+    return models, corpus, tokens
+
+
 def process_tree(pid: int) -> list[psutil.Process]:
     """A server process and its descendants (BentoML: arbiter and worker)."""
     root = psutil.Process(pid)
@@ -300,15 +316,7 @@ def main() -> None:
     if not INFINITY_PY.exists() and args.only != "worker":
         sys.exit(f"{INFINITY_PY} missing: see bench/README.md to create Infinity's environment")
 
-    from transformers import AutoTokenizer
-
-    from embedding_worker.config import bundled_model_path
-
-    minilm = Path(bundled_model_path())
-    models = {"minilm": minilm, "reranker": make_reranker(HERE / "results" / "minilm-reranker", str(minilm))}
-    corpus = texts(str(minilm / "vocab.txt"), 2048)
-    tokenizer = AutoTokenizer.from_pretrained(minilm)
-    tokens = [len(ids) for ids in tokenizer(corpus, truncation=True, max_length=256)["input_ids"]]
+    models, corpus, tokens = bench_models()
     duration = 4.0 if args.quick else 12.0
     cells = grid()
 

@@ -37,14 +37,13 @@ from load import run_cell  # noqa: E402
 from run import (  # noqa: E402
     INFINITY_PY,
     Target,
+    bench_models,
     body_maker,
     free_port,
-    make_reranker,
     process_tree,
     targets,
     tree_cpu_seconds,
 )
-from workload import texts  # noqa: E402
 
 LOAD_CELL = {"kind": "embed", "concurrency": 16, "size": 8, "format": "float"}
 
@@ -152,16 +151,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if not INFINITY_PY.exists():
         sys.exit(f"{INFINITY_PY} missing: see bench/README.md to create Infinity's environment")
-    from transformers import AutoTokenizer
-
-    from embedding_worker.config import bundled_model_path
-
-    minilm = Path(bundled_model_path())
-    models = {"minilm": minilm,
-              "reranker": make_reranker(HERE / "results" / "minilm-reranker", str(minilm))}
-    corpus = texts(str(minilm / "vocab.txt"), 2048)
-    tokens = [len(ids) for ids in AutoTokenizer.from_pretrained(minilm)(
-        corpus, truncation=True, max_length=256)["input_ids"]]
+    models, corpus, tokens = bench_models()
     chosen = [t for t in servers(models, args.out)
               if not args.only or t.name in args.only or t.name == "infinity"]
     report: dict = {"machine": {"cpu": platform.processor() or platform.machine(),

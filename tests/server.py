@@ -32,6 +32,21 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
+    """Until `url`/readyz answers 200; the log in the error if the process exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"server not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
 class BentoServer:
     """Starts `bentoml serve` from the repo root with the given environment; logs to a file."""
 
@@ -59,18 +74,12 @@ class BentoServer:
     def start(self, timeout: float = 180) -> "BentoServer":
         """Launch and wait until /readyz answers 200."""
         self.launch()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.logs()}")
+        try:
+            wait_ready(self.url, self.proc, self.log_path, timeout)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")

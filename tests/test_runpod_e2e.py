@@ -13,7 +13,7 @@ import pytest
 
 from conftest import MINILM, ROOT
 from fakerunpod import FakeJobQueue
-from server import clean_env, free_port
+from server import clean_env, free_port, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -107,15 +107,7 @@ def test_cli_serve_honours_port(tmp_path):
     with open(log_path, "wb") as log:
         proc = spawn(["serve"], {"PORT": str(port), "HOST": "127.0.0.1"}, log)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_ready(f"http://127.0.0.1:{port}", proc, log_path, 120)
         out = httpx.post(f"http://127.0.0.1:{port}/runsync",
                          json={"input": {"model": MINILM, "input": "Hello world"}}).json()
         assert out["status"] == "COMPLETED"

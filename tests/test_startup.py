@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from conftest import MINILM, SCRATCH_CACHE
-from server import ROOT, clean_env, free_port
+from server import ROOT, clean_env, free_port, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -44,15 +44,7 @@ def served(tmp_path_factory):
                                 env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
+    wait_ready(url, proc, log)
     yield proc, url, log
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)

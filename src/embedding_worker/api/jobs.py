@@ -9,27 +9,20 @@ same output, the same error text and the same treatment of an unexpected excepti
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..core.core import Core
 from ..core.errors import APIError, BadRequest, NotFound
-from .routes import find
+from .routes import OPENAI_PATHS, find, openai_route
 
 logger = logging.getLogger("embedding_worker")
 
 JOB_SHAPES = (
     'expected {"route": "/v1/embeddings" | "/v2/embed" | "/embed" | ..., "body": {...}}, '
-    '{"openai_route": "/v1/models" | "/v1/embeddings" | "/v1/rerank", "openai_input": {...}}, '
+    '{"openai_route": "/v1/models" | "/v1/embeddings" | "/v1/rerank" | ..., "openai_input": {...}}, '
     'an embedding body {"model", "input", "modality"?}, or a rerank body {"model", "query", "docs"}'
 )
-
-
-def openai_routes(core: Core) -> dict[str, Callable[[Any], Awaitable[dict[str, Any]]]]:
-    """The OpenAI paths a job may name (without the /v1 or /openai/v1 prefix)."""
-    return {"/models": core.models.list, "/embeddings": core.embeddings.create,
-            "/rerank": core.rerank.create}
 
 
 async def dispatch(core: Core, job_input: Any) -> Any:
@@ -45,15 +38,14 @@ async def dispatch(core: Core, job_input: Any) -> Any:
         route, model = found
         return await route.operation(core)(body if body is not None else {}, model)
     if "openai_route" in job_input:
-        route = str(job_input["openai_route"]).rstrip("/")
-        operation = openai_routes(core).get(route.removeprefix("/openai").removeprefix("/v1"))
-        if operation is None:
+        named = openai_route(str(job_input["openai_route"]))
+        if named is None:
             raise NotFound(
                 f"openai_route {job_input['openai_route']!r} is not supported; expected one "
-                f"of /v1/models, /v1/embeddings, /v1/rerank",
+                f"of {', '.join(OPENAI_PATHS)}",
                 param="openai_route",
             )
-        return await operation(job_input.get("openai_input") or {})
+        return await named.operation(core)(job_input.get("openai_input") or {}, None)
     if "query" in job_input:
         return await core.rerank.create(job_input)
     if "input" in job_input:

@@ -138,3 +138,15 @@ def find(core: Core, method: str, path: str) -> tuple[Route, str | None] | None:
                     if route.per_model and tail in route.paths and route.method == method:
                         return route, name
     return None
+
+
+# what a job's `openai_route` may name: the table's OpenAI routes, by their /v1 path
+OPENAI_PATHS = tuple(route.paths[0] for route in ROUTES
+                     if route.dialect == "openai" and route.paths[0].startswith("/v1/"))
+
+
+def openai_route(path: str) -> Route | None:
+    """The OpenAI route a job's `openai_route` names: `/v1/x`, `/openai/v1/x` or `/x`."""
+    path = "/v1" + path.rstrip("/").removeprefix("/openai").removeprefix("/v1")
+    return next((route for route in ROUTES if route.dialect == "openai" and path in route.paths
+                 and path in OPENAI_PATHS), None)

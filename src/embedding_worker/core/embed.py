@@ -124,7 +124,7 @@ class Embeddings:
                 for i, row in zip(text_at, found):
                     rows[i] = row
             pipeline.raise_faults(model, field, rows)
-        matrix = vectors(as_matrix(rows), job.dimensions, job.normalize, model.info.raw_vectors)
+        matrix = vectors(as_matrix(rows), job.dimensions, job.normalize, model.info.unit_vectors)
         return Embedded(matrix, served.tokens, prompt, len(image_at))
 
     async def _fit(self, model: ModelBackend, texts: list[str], prompt: Prompt, job: EmbedJob,
@@ -159,7 +159,7 @@ class Embeddings:
                 texts.append(prompt.text + items[i].text)
             found = await self.pipeline.compute(model, self._rows(model, texts))
             self.pipeline.raise_faults(model, "items", found)
-            matrix = vectors(as_matrix(found), None, True, model.info.raw_vectors)
+            matrix = vectors(as_matrix(found), None, True, model.info.unit_vectors)
             for i, vector in zip(positions, matrix):
                 out[i] = vector.tolist()
 

@@ -36,13 +36,13 @@ def truncate(matrix: np.ndarray, dimensions: int | None) -> np.ndarray:
     return unit_rows(matrix[:, :dimensions])
 
 
-def vectors(matrix: np.ndarray, dimensions: int | None, normalize: bool, raw: bool) -> np.ndarray:
+def vectors(matrix: np.ndarray, dimensions: int | None, normalize: bool, unit: bool) -> np.ndarray:
     """What a request gets of the engine's rows: cut to `dimensions`, and of unit length unless
-    it asked for the model's own vectors (`raw`: the engine's rows are unnormalised)."""
+    it asked for the model's own vectors (`unit`: the engine's rows are of unit length already)."""
     if dimensions is not None and dimensions < matrix.shape[1]:
         matrix = matrix[:, :dimensions]
         return unit_rows(matrix) if normalize else matrix
-    return unit_rows(matrix) if normalize and raw else matrix
+    return unit_rows(matrix) if normalize and not unit else matrix
 
 
 OUTPUT_DTYPES = ("float", "int8", "uint8", "binary", "ubinary")

@@ -54,11 +54,14 @@ class ModelInfo:
     # True: `embed` gives the model's own vectors, unnormalised (the core normalises unless a
     # request asks for them raw); False: the engine can only give unit vectors
     raw_vectors: bool = False
+    # the engine's rows are of unit length already (the model normalises, or the engine does):
+    # the core then skips normalising them again
+    unit_vectors: bool = True
     # a classifier's labels in the order of `classify`'s scores, and what turns its raw scores
     # into probabilities: "softmax" (one label per text) or "sigmoid" (each label on its own)
     labels: tuple[str, ...] = ()
     label_activation: str = "softmax"
-    pooling: str | None = None  # an embedder's pooling (mean, cls, lasttoken), where known
+    pooling: str | None = None  # an embedder's pooling (TEI's names: mean, cls, last_token)
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,6 @@ class InfinityEngine(Engine):
         self.failure = ""
         self.models = {}
         self._array: AsyncEngineArray | None = None
-        self._lock: asyncio.Lock | None = None
 
     @cached_property
     def device(self) -> str:
@@ -158,12 +157,10 @@ class InfinityEngine(Engine):
 
     async def start(self) -> None:
         """Load weights in a worker thread (keeps /livez answering), then start the batch loops
-        in the running event loop (infinity binds its queues to it)."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:  # concurrent first jobs (RunPod) start the engines once
-            if self.state == "starting":
-                await self._start()
+        in the running event loop (infinity binds its queues to it). Called once, by
+        `CombinedEngine.start`, which serialises concurrent starts."""
+        if self.state == "starting":
+            await self._start()
 
     async def _start(self) -> None:
         try:
@@ -198,7 +195,11 @@ class InfinityEngine(Engine):
             dimensions=dimensions,
             special_tokens=tokenizer.num_special_tokens_to_add(pair=False)
             if hasattr(tokenizer, "num_special_tokens_to_add") else 0,
-            raw_vectors=adapted.raw_vectors, labels=adapted.labels,
+            raw_vectors=adapted.raw_vectors,
+            # raw: a text embedder's own vectors are unit where its modules normalise; CLIP's are not
+            unit_vectors=not adapted.raw_vectors or (
+                "image_embed" not in engine.capabilities and model_config.normalizes(spec.source)),
+            labels=adapted.labels,
             label_activation=adapted.label_activation, pooling=model_config.pooling(spec.source),
         )
         return InfinityModel(engine, info, adapted, guard)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError, ModelSpec, Settings
+from . import model_config
 from .base import Engine, Fault, Heartbeat, ModelBackend, ModelInfo, QueueStats, Rows, Tokens
 from .fault_guard import FaultGuard
 from .grouping import GROUP_TOKENS, token_groups
@@ -80,7 +81,8 @@ class OrtModel(ModelBackend):
             device="cpu", batch_size=spec.batch_size, capabilities=frozenset({capability}),
             window=self.window, dimensions=None if self.cross_encoder else self._dimensions(),
             special_tokens=self.special,
-            raw_vectors=True, pooling=None if self.cross_encoder else plan.pooling,
+            raw_vectors=True, unit_vectors=plan.normalizes,
+            pooling=None if self.cross_encoder else model_config.pooling(spec.source),
         )
 
     def _dimensions(self) -> int:
