@@ -125,3 +125,11 @@ def test_cohere_errors_are_openai_envelopes(client, body, message):
     response = client.post("/v2/embed", json=body)
     assert response.status_code == 400
     assert message in ErrorResponse.model_validate_json(response.content).error.message
+
+
+def test_a_tei_body_may_name_its_model(client):
+    default = client.post("/embed", json={"inputs": "a"}).json()
+    named = client.post("/embed", json={"inputs": "a", "model": "tiny-embed"}).json()
+    assert len(default[0]) == 384 and len(named[0]) == 32  # MiniLM first; the tiny one named
+    wrong = client.post("/embed", json={"inputs": "a", "model": "tiny-rerank"})
+    assert wrong.status_code == 400 and "does not support text embeddings" in wrong.json()["error"]

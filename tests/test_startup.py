@@ -65,8 +65,11 @@ def test_serve_has_what_bentoml_serve_has(served):
     _, url, _ = served
     batch = httpx.post(f"{url}/batch/embed", json={"items": [{"model": MINILM, "text": "x"}]})
     assert batch.status_code == 200 and len(batch.json()[0]) == 384
-    httpx.post(f"{url}/v1/embeddings", json={"model": MINILM, "input": "counted"})
+    for _ in range(2):  # the second from the embedding cache
+        httpx.post(f"{url}/v1/embeddings", json={"model": MINILM, "input": "counted"})
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert re.search(r'embedding_worker_cache_lookups_total\{model="[^"]+",result="hit"\} [1-9]',
+                     metrics)
     assert re.search(r'embedding_worker_requests_total\{model="[^"]+",operation="embed",'
                      r'outcome="ok"\} [1-9]', metrics)
     assert "bentoml_service_request_total" in metrics  # BentoML's own instruments too
