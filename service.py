@@ -17,7 +17,8 @@ from embedding_worker.observability.tracing import tracing_config
 
 settings = load_settings_or_exit()
 configure_logging(settings)
-core = Core(settings)  # cheap: the engines load in the start-up hook
+# cheap: the engines load in the start-up hook (or began to, `embedding-worker serve`)
+core = Core.for_process(settings)
 openai_app = create_app(core)
 
 

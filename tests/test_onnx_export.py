@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -64,6 +65,12 @@ async def test_bundled_minilm_is_exported_offline_and_matches_sentence_transform
     assert card["backend"] == "optimum"
     assert core.models.get("minilm").info.window == 256
     assert sorted(p.name for p in onnx_cache.glob("*/model.onnx")) == ["model.onnx"] * 2
+    # the weights beside the graph, mapped by ONNX Runtime rather than copied; readable by the
+    # image's serving user when the build (root) made the export
+    for weights in onnx_cache.glob("*/model.onnx_data"):
+        assert weights.stat().st_size > 10 * (weights.parent / "model.onnx").stat().st_size
+        assert weights.stat().st_mode & 0o044 == 0o044
+    assert len(list(onnx_cache.glob("*/model.onnx_data"))) == 2
 
 
 async def test_bert_reranker_scores_match_torch_with_token_types(core, tiny_models):
@@ -106,7 +113,8 @@ async def test_a_model_that_ships_its_onnx_file_is_used_as_it_is(tiny_models, tm
     shutil.copytree(tiny_models["embed"], shipped)
     export = onnx_export.prepare(str(shipped), str(tmp_path / "scratch"))
     (shipped / "onnx").mkdir()
-    shutil.copy(f"{export.directory}/model.onnx", shipped / "onnx" / "model.onnx")
+    for file in Path(export.directory).glob("model.onnx*"):  # the graph and its weights
+        shutil.copy(file, shipped / "onnx" / file.name)
     assert onnx_export.prepare(str(shipped), str(tmp_path / "unused")).directory == str(shipped)
     assert not (tmp_path / "unused").exists()
 

@@ -10,24 +10,32 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from importlib.metadata import version
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request, Response
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+from starlette.routing import Route as StarletteRoute
 
 from ..core.core import Core
 from ..core.encoding import dumps
-from ..core.dialects.tei import TeiError
 from ..core.errors import APIError, BadRequest, InternalError, MethodNotAllowed, NotFound
 from ..core.schemas import ErrorResponse, RunSyncRequest, RunSyncResponse, runsync_response
 from ..observability.logs import annotate
+from . import openapi
 from .jobs import run_job
 from .routes import ROUTES, TEI_ROUTES, Operation, Route, dialect_of
 
 logger = logging.getLogger("embedding_worker")
 
 JSON = "application/json"
+TITLE = "infinity-embedding-worker"
+SUMMARY = "OpenAI-compatible embeddings and reranking over Infinity engines"
+DISTRIBUTION = "infinity-embedding-worker"
 
 
 def error_body(error: APIError, path: str) -> bytes:
@@ -86,76 +94,11 @@ async def _json_body(request: Request) -> Any:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
 
-def _body_doc(model: type) -> dict[str, Any]:
-    """OpenAPI request body for routes that read the raw body themselves."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
-        }
-    }
+def create_app(core: Core) -> Starlette:
+    routes: list[BaseRoute] = []
+    documented: list[openapi.Operation] = []
 
-
-_ERRORS = {
-    status: {"model": ErrorResponse, "description": text}
-    for status, text in {
-        400: "invalid request",
-        401: "missing or invalid API key (when API_KEY is set)",
-        404: "unknown model",
-        413: "request body, item count or text length over its limit",
-        429: "overloaded; retry after the Retry-After header's seconds",
-        500: "the model failed on this request's items",
-        501: "modality not implemented",
-        503: "not ready",
-        504: "deadline (REQUEST_TIMEOUT) exceeded",
-    }.items()
-}
-
-
-# TEI's routes answer errors in TEI's shape; `/rerank` in either (the body decides)
-_TEI_ERRORS = {status: {**doc, "model": TeiError} for status, doc in _ERRORS.items()}
-_EITHER_ERRORS = {status: {**doc, "model": ErrorResponse | TeiError}
-                  for status, doc in _ERRORS.items()}
-
-
-def _errors_of(route: Route) -> dict[int, dict[str, Any]]:
-    if route.dialect == "tei":
-        return _TEI_ERRORS
-    return _EITHER_ERRORS if route.paths == ("/rerank",) else _ERRORS
-
-
-def create_app(core: Core) -> FastAPI:
-    app = FastAPI(
-        title="infinity-embedding-worker",
-        summary="OpenAI-compatible embeddings and reranking over Infinity engines",
-        docs_url=None,  # BentoML serves /docs for the whole service
-        redoc_url=None,
-        openapi_url="/v1/openapi.json",
-    )
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> Response:
-        return error_response(exc, request.url.path)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        path = request.url.path
-        if exc.status_code == 404:
-            return error_response(NotFound(f"no route {request.method} {path}"), path)
-        if exc.status_code == 405:
-            error = MethodNotAllowed(f"method {request.method} is not allowed on {path}")
-            error.headers = dict(exc.headers or {})  # Allow
-            return error_response(error, path)
-        return error_response(InternalError(f"internal error: HTTP {exc.status_code} {exc.detail}"),
-                              path)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(InternalError(f"internal error: {type(exc).__name__}"),
-                              request.url.path)
-
-    def add(path: str, route: Route, operation: Operation, documented: bool) -> None:
+    def add(path: str, route: Route, operation: Operation, doc: bool) -> None:
         """One path of `route`; a TEI path under /tei/ takes its model from the path."""
         if route.request is None:
             async def endpoint(request: Request) -> Response:
@@ -167,22 +110,17 @@ def create_app(core: Core) -> FastAPI:
                 result = await operation(body, request.path_params.get("model"))
                 return Response(dumps(result), media_type=JSON)
 
-        extra = _body_doc(route.request) if route.request is not None else {}
-        if "{model" in path:
-            extra["parameters"] = [{"name": "model", "in": "path", "required": True,
-                                    "description": "a served model's name (may contain /)",
-                                    "schema": {"type": "string"}}]
-        app.add_api_route(path, endpoint, methods=[route.method], response_model=route.response,
-                          responses=_errors_of(route), openapi_extra=extra or None,
-                          include_in_schema=documented, name=path,
-                          tags=[route.dialect])
+        routes.append(StarletteRoute(path, endpoint, methods=[route.method], name=path))
+        if doc:
+            documented.append(openapi.Operation(path, route.method, route.dialect, route.request,
+                                                route.response, openapi.error_model(route)))
 
     for route in ROUTES:
         operation = route.operation(core)
         for i, path in enumerate(route.paths):
-            add(path, route, operation, documented=i == 0)
+            add(path, route, operation, doc=i == 0)
     for path, route in TEI_ROUTES.items():  # the bare /tei/{model} last: it matches the rest
-        add(path, route, route.operation(core), documented=True)
+        add(path, route, route.operation(core), doc=True)
 
     async def runsync(request: Request) -> Response:
         """RunPod's Standard flavour, locally: the job's output wrapped as RunPod wraps it."""
@@ -194,43 +132,55 @@ def create_app(core: Core) -> FastAPI:
         return Response(dumps(runsync_response(job_id, result.output, result.error)),
                         media_type=JSON)
 
+    routes.append(StarletteRoute("/runsync", runsync, methods=["POST"]))
     # caller mistakes inside `input` come back as a FAILED job (200); the body itself can be a 4xx
-    app.add_api_route("/runsync", runsync, methods=["POST"], response_model=RunSyncResponse,
-                      responses={s: _ERRORS[s] for s in (400, 401, 413, 503)},
-                      openapi_extra=_body_doc(RunSyncRequest))
+    documented.append(openapi.Operation("/runsync", "POST", "runpod", RunSyncRequest,
+                                        RunSyncResponse, ErrorResponse, (400, 401, 413, 503)))
+
+    spec: dict[str, Any] = {}
+
+    async def openapi_json(_request: Request) -> Response:
+        if not spec:  # made once, at its first request: no start-up cost
+            spec.update(openapi.document(documented, TITLE, SUMMARY, version(DISTRIBUTION)))
+        return Response(dumps(spec), media_type=JSON)
+
+    routes.append(StarletteRoute("/v1/openapi.json", openapi_json, methods=["GET"]))
 
     async def unknown_route(request: Request) -> Response:
         # Last route of the mounted app: BentoML's own routes match first, everything else
         # gets the envelope (405 where the path exists with another method).
         scope = {**request.scope, "method": "*"}
         allowed = sorted({
-            method for r in app.routes if r.path != "/{path:path}" and r.matches(scope)[0].value  # type: ignore[attr-defined]
+            method for r in routes[:-1] if r.matches(scope)[0].value
             for method in (getattr(r, "methods", None) or ())
         })
         if allowed:
             raise StarletteHTTPException(405, headers={"Allow": ", ".join(allowed)})
         raise StarletteHTTPException(404)
 
-    app.add_api_route("/{path:path}", unknown_route, include_in_schema=False,
-                      methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
-    _register_schemas(app, [*dict.fromkeys(r.request for r in ROUTES if r.request is not None), RunSyncRequest])
-    return app
+    routes.append(StarletteRoute("/{path:path}", unknown_route,
+                                 methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]))
 
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return error_response(exc, request.url.path)
 
-def _register_schemas(app: FastAPI, models: list[type]) -> None:
-    """Put the request models into the OpenAPI components referenced by `_body_doc`."""
-    original = app.openapi
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        path = request.url.path
+        if exc.status_code == 404:
+            return error_response(NotFound(f"no route {request.method} {path}"), path)
+        if exc.status_code == 405:
+            error = MethodNotAllowed(f"method {request.method} is not allowed on {path}")
+            error.headers = dict(exc.headers or {})  # Allow
+            return error_response(error, path)
+        return error_response(InternalError(f"internal error: HTTP {exc.status_code} {exc.detail}"),
+                              path)
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = original()
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in models:
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(body.pop("$defs", {}))
-            components[model.__name__] = body
-        app.openapi_schema = schema
-        return schema
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(InternalError(f"internal error: {type(exc).__name__}"),
+                              request.url.path)
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    return Starlette(routes=routes, exception_handlers={
+        APIError: api_error, StarletteHTTPException: http_error, Exception: unexpected})

@@ -29,6 +29,21 @@ logger = logging.getLogger("embedding_worker")
 
 
 class Core:
+    _preloaded: Core | None = None
+
+    @classmethod
+    def preload(cls, settings: Settings) -> None:
+        """Make this process's core now and begin loading its engines in the background, before
+        the transport's imports (serve mode: BentoML's); `for_process` hands it out."""
+        cls._preloaded = cls(settings)
+        cls._preloaded.engine.preload()
+
+    @classmethod
+    def for_process(cls, settings: Settings) -> Core:
+        """The core `preload` made, when its settings are these; otherwise a new one."""
+        core, cls._preloaded = cls._preloaded, None
+        return core if core is not None and core.settings == settings else cls(settings)
+
     def __init__(self, settings: Settings, engine: Engine | None = None):
         self.settings = settings
         self.engine = engine if engine is not None else create_engine(settings)

@@ -204,6 +204,9 @@ class Engine(ABC):
     def load(self) -> None:
         """Load the weights. Idempotent; raises on a load failure."""
 
+    def preload(self) -> None:
+        """Begin `load` in the background, where the engine can (`load` then waits for it)."""
+
     @abstractmethod
     async def start(self) -> None:
         """Load (in a thread) and start the batch loops; idempotent and safe to call

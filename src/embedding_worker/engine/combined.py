@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,19 +77,51 @@ class CombinedEngine(Engine):
         self._parts: list[Engine] | None = None
         self._plans: dict[str, OnnxPlan] = {}
         self._lock: asyncio.Lock | None = None
+        self._load_lock = threading.Lock()
+        self._load_error: Exception | None = None
+
+    def preload(self) -> None:
+        """Begin `load` in a thread now; the `load` of the start-up hook then waits for it (and
+        raises what it raised). Serve mode calls this before it imports BentoML and the service:
+        ONNX Runtime builds its sessions with the GIL released, so the weights load while
+        BentoML imports (docs/performance.md). The environment the libraries read at import is
+        set here, before anything else imports them."""
+        self._prepare_environment()
+
+        def load_quietly() -> None:
+            try:
+                self.load()
+            except Exception:  # noqa: S110 - kept in _load_error, raised by the load that waits
+                pass
+
+        threading.Thread(target=load_quietly, name="engine-preload", daemon=True).start()
+
+    def _prepare_environment(self) -> None:
+        prepare_infinity_environment(self.settings)
+        prepare_model_cache(self.settings)
 
     def load(self) -> None:
         """Plan, export where needed, open the ONNX Runtime sessions and load infinity's weights
-        for the rest (its batch loops start in `start`). Blocking; raises on a load failure."""
-        if self._parts is not None:
-            return
+        for the rest (its batch loops start in `start`). Blocking and once only (a second call
+        waits for the first); raises on a load failure."""
+        with self._load_lock:
+            if self._parts is not None:
+                return
+            if self._load_error is not None:
+                raise self._load_error
+            try:
+                self._load()
+            except Exception as exc:
+                self._load_error = exc
+                raise
+
+    def _load(self) -> None:
         settings = self.settings
         for spec in settings.models:
             if spec.bundled:
                 logger.info("MODEL_NAMES is unset: serving the bundled %s from %s (offline)",
                             spec.served_name, spec.source)
-        prepare_infinity_environment(settings)
-        prepare_model_cache(settings)
+        self._prepare_environment()
         plans = onnx_plans(settings, device_hint(settings), onnx_cache_dirs(settings))
         parts: list[Engine] = []
         onnx: set[str] = set()
@@ -156,8 +189,7 @@ class CombinedEngine(Engine):
         """The ONNX exports this configuration would serve on a CPU, made now into `cache_dir`
         (ahead of time: `embedding-worker download --onnx`, the image build); served name ->
         directory."""
-        prepare_infinity_environment(self.settings)
-        prepare_model_cache(self.settings)
+        self._prepare_environment()
         plans = onnx_plans(self.settings, "cpu", [cache_dir])
         return {name: plan.directory for name, plan in plans.items()}
 
