@@ -61,6 +61,18 @@ def test_serve_is_one_process_that_imports_no_torch(served):
     assert not modules & (HEAVY | IMAGE_STACK | {"runpod"}), modules & (HEAVY | IMAGE_STACK)
 
 
+def test_serve_loads_the_weights_while_bentoml_imports(served):
+    """The engine's load (here: making the model's ONNX export) begins before the service module
+    (BentoML and all) has finished importing. Import-time lines are written as each import
+    completes, in order with the log's lines."""
+    _, _, log = served
+    lines = log.read_text().splitlines()
+    service = next(i for i, line in enumerate(lines) if re.match(r"import time:.*\| service$", line))
+    load = next(i for i, line in enumerate(lines) if "to ONNX" in line or "ONNX export of" in line)
+    assert load < service
+    assert any("the models loaded in" in line for line in lines)
+
+
 def test_serve_has_what_bentoml_serve_has(served):
     _, url, _ = served
     batch = httpx.post(f"{url}/batch/embed", json={"items": [{"model": MINILM, "text": "x"}]})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -116,6 +117,7 @@ class CombinedEngine(Engine):
                 raise
 
     def _load(self) -> None:
+        began = time.perf_counter()
         settings = self.settings
         for spec in settings.models:
             if spec.bundled:
@@ -146,6 +148,7 @@ class CombinedEngine(Engine):
             parts.append(infinity)
         self._plans = plans
         self._parts = parts
+        logger.info("the models loaded in %.2f s", time.perf_counter() - began)
 
     async def start(self) -> None:
         if self._lock is None:

@@ -59,17 +59,17 @@ class OrtModel(ModelBackend):
         self.cross_encoder = plan.pooling == "auto"
         tokenizer_file = _tokenizer_file(Path(spec.source), directory)
         self.window = _window(spec.source, directory, plan.window)
-        # one tokenizer that truncates (the model's input), one that does not (counts, offsets);
-        # each used under its lock: a Rust tokenizer's truncation settings are shared state
+        # The tokenizer truncates at the window: the model's input, and every request's usage.
+        # Counts past the window and /tokenize's full token lists need one that does not; it is
+        # made at its first use (~8 MB a copy). Neither's settings change after this.
+        self.tokenizer_file = tokenizer_file
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.window)
-        self.counter = Tokenizer.from_file(str(tokenizer_file))
-        self.counter.no_padding()
-        self.counter.no_truncation()
+        self._whole: Tokenizer | None = None
         self.pad_id = _pad_id(directory, self.tokenizer)
         self._lock = threading.Lock()  # the session runs one batch at a time, on all cores
-        self._counter_lock = threading.Lock()
+        self._whole_lock = threading.Lock()
         self.guard = FaultGuard(spec.served_name, Heartbeat(settings.engine_stall_timeout))
         self.heartbeat = self.guard.heartbeat
         self._pre, self._core, self._post = self.guard.guard_stages(self._encode, self._run,
@@ -161,25 +161,33 @@ class OrtModel(ModelBackend):
         return self.guard.last_fault
 
     def usage(self, texts: list[str]) -> int:
-        """Text tokens as the model saw them: special tokens excluded, cut at the window."""
-        with self._counter_lock:
-            encodings = self.counter.encode_batch(texts, add_special_tokens=False)
+        """Text tokens as the model saw them: special tokens excluded, cut at the window (without
+        special tokens the truncating tokenizer cuts at the window itself)."""
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         return sum(min(len(e.ids), self.window - self.special) for e in encodings)
+
+    def _untruncated(self) -> Any:
+        with self._whole_lock:
+            if self._whole is None:
+                from tokenizers import Tokenizer
+
+                whole = Tokenizer.from_file(str(self.tokenizer_file))
+                whole.no_padding()
+                whole.no_truncation()
+                self._whole = whole
+            return self._whole
 
     def count_tokens(self, texts: list[str], pairs_with: str | None = None) -> list[int]:
         inputs = texts if pairs_with is None else [(pairs_with, t) for t in texts]
-        with self._counter_lock:
-            return [len(e.ids) for e in self.counter.encode_batch(inputs)]
+        return [len(e.ids) for e in self._untruncated().encode_batch(inputs)]
 
     def tokenize(self, texts: list[str], add_special_tokens: bool = False) -> list[Tokens]:
-        with self._counter_lock:
-            encodings = self.counter.encode_batch(texts, add_special_tokens=add_special_tokens)
+        encodings = self._untruncated().encode_batch(texts, add_special_tokens=add_special_tokens)
         return [Tokens(e.ids, list(e.offsets), list(e.word_ids), list(e.tokens),
                        [bool(m) for m in e.special_tokens_mask]) for e in encodings]
 
     def decode(self, ids: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
-        with self._counter_lock:
-            return self.counter.decode_batch(ids, skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode_batch(ids, skip_special_tokens=skip_special_tokens)
 
     def queue(self) -> QueueStats:
         return QueueStats(0.0, 0, 0)  # nothing waits here: the core's batchers hold the queue
