@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from embedding_worker.config import ConfigError, Settings
@@ -47,3 +49,12 @@ def test_other_settings_get_a_core_of_their_own(tiny_models):
     Core.preload(Settings(model_names=str(tiny_models["embed"]), served_model_names="tiny"))
     other = Settings(model_names=str(tiny_models["embed"]), served_model_names="other")
     assert Core.for_process(other).settings.models[0].served_name == "other"
+
+
+def test_torch_is_never_loaded_in_the_background(tiny_models):
+    """Infinity's stack imported beside BentoML's is slower than one after the other: with torch
+    to serve, nothing starts early (the start-up hook loads it)."""
+    engine = CombinedEngine(Settings(model_names=str(tiny_models["embed"]), backend="torch"))
+    before = set(threading.enumerate())
+    engine.preload()
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "engine-preload"]

@@ -80,22 +80,30 @@ class CombinedEngine(Engine):
         self._lock: asyncio.Lock | None = None
         self._load_lock = threading.Lock()
         self._load_error: Exception | None = None
+        self._onnx_done = False
+        self._ort: Engine | None = None
+        self._began = 0.0
 
     def preload(self) -> None:
-        """Begin `load` in a thread now; the `load` of the start-up hook then waits for it (and
-        raises what it raised). Serve mode calls this before it imports BentoML and the service:
-        ONNX Runtime builds its sessions with the GIL released, so the weights load while
-        BentoML imports (docs/performance.md). The environment the libraries read at import is
-        set here, before anything else imports them."""
+        """Begin the ONNX Runtime part of `load` in a thread now; the `load` of the start-up hook
+        then waits for it (and raises what it raised) and loads torch's part, if any. Serve mode
+        calls this before it imports BentoML and the service: ONNX Runtime builds its sessions
+        with the GIL released, so they load while BentoML imports; infinity's stack imported
+        beside BentoML's was slower than one after the other (docs/performance.md). The
+        environment the libraries read at import is set here, before anything imports them."""
         self._prepare_environment()
+        if device_hint(self.settings) != "cpu" or self.settings.backend == "torch":
+            return  # nothing for ONNX Runtime: torch loads in `load`
 
-        def load_quietly() -> None:
-            try:
-                self.load()
-            except Exception:  # noqa: S110 - kept in _load_error, raised by the load that waits
-                pass
+        def load_onnx_part() -> None:
+            with self._load_lock:
+                if self._load_error is None:
+                    try:
+                        self._load_onnx()
+                    except Exception as exc:  # raised again by the load that waits
+                        self._load_error = exc
 
-        threading.Thread(target=load_quietly, name="engine-preload", daemon=True).start()
+        threading.Thread(target=load_onnx_part, name="engine-preload", daemon=True).start()
 
     def _prepare_environment(self) -> None:
         prepare_infinity_environment(self.settings)
@@ -103,52 +111,58 @@ class CombinedEngine(Engine):
 
     def load(self) -> None:
         """Plan, export where needed, open the ONNX Runtime sessions and load infinity's weights
-        for the rest (its batch loops start in `start`). Blocking and once only (a second call
-        waits for the first); raises on a load failure."""
+        for the rest (its batch loops start in `start`). Blocking and once only (a second call,
+        or one after `preload`, waits for the first); raises on a load failure."""
         with self._load_lock:
             if self._parts is not None:
                 return
             if self._load_error is not None:
                 raise self._load_error
             try:
-                self._load()
+                self._load_onnx()
+                self._load_torch()
             except Exception as exc:
                 self._load_error = exc
                 raise
 
-    def _load(self) -> None:
-        began = time.perf_counter()
+    def _load_onnx(self) -> None:
+        """Every model's plan, and the sessions of those ONNX Runtime serves (once)."""
+        if self._onnx_done:
+            return
+        self._began = time.perf_counter()
         settings = self.settings
         for spec in settings.models:
             if spec.bundled:
                 logger.info("MODEL_NAMES is unset: serving the bundled %s from %s (offline)",
                             spec.served_name, spec.source)
         self._prepare_environment()
-        plans = onnx_plans(settings, device_hint(settings), onnx_cache_dirs(settings))
-        parts: list[Engine] = []
-        onnx: set[str] = set()
-        if plans:
+        self._plans = onnx_plans(settings, device_hint(settings), onnx_cache_dirs(settings))
+        if self._plans:
             from .ort import OrtEngine
 
-            ort = OrtEngine(settings, plans)
+            ort = OrtEngine(settings, self._plans)
             ort.load()
             for name, exc in ort.failed.items():
                 if settings.backend == "optimum":
                     raise exc
                 logger.warning("model %s: ONNX Runtime could not load it, served by torch: %s",
                                name, one_line(exc))
-            onnx = set(ort.models)
-            parts.append(ort)
-        rest = [spec for spec in settings.models if spec.served_name not in onnx]
+            self._ort = ort
+        self._onnx_done = True
+
+    def _load_torch(self) -> None:
+        """infinity's weights for the models ONNX Runtime does not serve."""
+        parts: list[Engine] = [self._ort] if self._ort is not None else []
+        onnx = set(self._ort.models) if self._ort is not None else set()
+        rest = [spec for spec in self.settings.models if spec.served_name not in onnx]
         if rest:
             from .infinity import InfinityEngine
 
-            infinity = InfinityEngine(settings, rest)
+            infinity = InfinityEngine(self.settings, rest)
             infinity.load()
             parts.append(infinity)
-        self._plans = plans
         self._parts = parts
-        logger.info("the models loaded in %.2f s", time.perf_counter() - began)
+        logger.info("the models loaded in %.2f s", time.perf_counter() - self._began)
 
     async def start(self) -> None:
         if self._lock is None:
