@@ -211,8 +211,8 @@ def export(model_dir: str, output: str, task: str, model_type: str) -> None:
 def _weights_beside(onnx_file: Path) -> None:
     """The weights in a file of their own (`model.onnx_data`), which ONNX Runtime maps rather
     than copies: pages of the embedding table no text has touched stay on disk, and the parsed
-    protobuf's copy is never made. MiniLM at idle after one embedding: 114 -> 94 MB per session
-    (docs/performance.md)."""
+    protobuf's copy is never made. The benchmark's two MiniLM-sized models at idle: 377 -> 285 MB
+    of process (docs/performance.md)."""
     import onnx
 
     model = onnx.load(str(onnx_file))
