@@ -73,6 +73,26 @@ def test_serve_loads_the_weights_while_bentoml_imports(served):
     assert any("the models loaded in" in line for line in lines)
 
 
+def test_serve_lists_the_files_it_loaded_for_the_next_start(served, tmp_path):
+    from embedding_worker.api import readahead
+    from embedding_worker.config import Settings
+
+    _, _, log = served
+    cache = os.path.join(SCRATCH_CACHE, "infinity-embedding-worker", "onnx")
+    deadline = time.monotonic() + 10
+    while not (found := [f for f in os.listdir(cache) if f.startswith("serve-start-files-")]):
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.2)
+    files = open(os.path.join(cache, found[0])).read().split()
+    assert any("/bentoml/" in f for f in files) and any("onnxruntime" in f for f in files)
+    assert all(os.path.isfile(f) for f in files)
+    # a stale list (a file gone since) is only a hint: the read-ahead skips what is missing
+    stale = tmp_path / "list.txt"
+    stale.write_text(f"{tmp_path}/gone.pyc\n{files[0]}\n")
+    readahead._hint(stale)
+    assert readahead.list_file(Settings(onnx_cache=cache)).name == found[0]
+
+
 def test_serve_has_what_bentoml_serve_has(served):
     _, url, _ = served
     batch = httpx.post(f"{url}/batch/embed", json={"items": [{"model": MINILM, "text": "x"}]})

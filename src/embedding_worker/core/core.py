@@ -32,11 +32,12 @@ class Core:
     _preloaded: Core | None = None
 
     @classmethod
-    def preload(cls, settings: Settings) -> None:
+    def preload(cls, settings: Settings) -> Core:
         """Make this process's core now and begin loading its engines in the background, before
         the transport's imports (serve mode: BentoML's); `for_process` hands it out."""
-        cls._preloaded = cls(settings)
-        cls._preloaded.engine.preload()
+        core = cls._preloaded = cls(settings)
+        core.engine.preload()
+        return core
 
     @classmethod
     def for_process(cls, settings: Settings) -> Core:
