@@ -166,6 +166,8 @@ def test_cohere_fusing_text_and_image_is_a_readable_400(server):
                  embedding_types=["float"])
     assert raised.value.status_code == 400
     assert "mixes text and image into one vector" in str(raised.value)
+    empty = httpx.post(f"{server.url}/v1/embed", json={"model": "tiny-clip", "inputs": []})
+    assert empty.status_code == 400 and "inputs: must not be empty" in empty.text  # (was a 500)
     with pytest.raises(cohere.errors.NotFoundError) as missing:
         co.embed(model="nope", texts=["x"], input_type="search_query", embedding_types=["float"])
     assert "model 'nope' is not served here" in str(missing.value)

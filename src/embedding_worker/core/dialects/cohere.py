@@ -95,6 +95,8 @@ class CohereEmbedRequest(RequestBody):
 
 def _content(inputs: list[dict[str, Any]]) -> list[str | Image]:
     """One text or image per input, from its content parts."""
+    if not inputs:
+        raise BadRequest("inputs: must not be empty", param="inputs")
     out: list[str | Image] = []
     for i, item in enumerate(inputs):
         parts = item.get("content") if isinstance(item, dict) else None
