@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from load import run_cell  # noqa: E402
-from run import INFINITY_PY, Target, bench_models, free_port, targets, tree_cpu_seconds  # noqa: E402
+from run import Target, bench_models, free_port, prepare_run, targets, tree_cpu_seconds  # noqa: E402
 from workload import texts  # noqa: E402
 
 POPULAR, ZIPF_S = 1000, 1.1
@@ -89,9 +89,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path,
                         default=HERE / "results" / time.strftime("cache-%Y%m%d-%H%M%S"))
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not INFINITY_PY.exists():
-        sys.exit(f"{INFINITY_PY} missing: see bench/README.md to create Infinity's environment")
+    prepare_run(args.out)
     models, _, _ = bench_models()
     minilm = models["minilm"]
     corpus = texts(str(minilm / "vocab.txt"), 4096, seed=7)  # as docs/performance.md's run

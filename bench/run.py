@@ -61,6 +61,13 @@ def make_reranker(path: Path, embedder: str) -> Path:
     return path
 
 
+def prepare_run(out: Path) -> None:
+    """The results directory, and Infinity's environment the side-by-side runs need."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not INFINITY_PY.exists():
+        sys.exit(f"{INFINITY_PY} missing: see bench/README.md to create Infinity's environment")
+
+
 def bench_models() -> tuple[dict[str, Path], list[str], list[int]]:
     """The benchmark's models (the bundled MiniLM and a cross-encoder of its shape), its corpus
     of 2048 texts and their token counts."""

@@ -35,9 +35,9 @@ sys.path.insert(0, str(HERE))
 
 from load import run_cell  # noqa: E402
 from run import (  # noqa: E402
-    INFINITY_PY,
     Target,
     bench_models,
+    prepare_run,
     body_maker,
     free_port,
     process_tree,
@@ -149,9 +149,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path,
                         default=HERE / "results" / time.strftime("startup-%Y%m%d-%H%M%S"))
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not INFINITY_PY.exists():
-        sys.exit(f"{INFINITY_PY} missing: see bench/README.md to create Infinity's environment")
+    prepare_run(args.out)
     models, corpus, tokens = bench_models()
     chosen = [t for t in servers(models, args.out)
               if not args.only or t.name in args.only or t.name == "infinity"]
