@@ -173,6 +173,7 @@ async def test_batches_group_similar_lengths_around_the_oldest_text():
     await asyncio.sleep(0)
     gate.release.set()
     assert [await r for r in requests] == [[f"row:{t}"] for t in texts]
+    assert await busy == ["row:busy"]
     sent = [sorted(map(len, call)) for call in gate.calls[1:]]
     # first the short ones (with the oldest), then the longest run that holds the next oldest
     assert sent == [[4, 5, 6], [90, 95, 100], [80]]

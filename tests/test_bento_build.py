@@ -72,6 +72,8 @@ def test_build_image_builds_the_bento_offline_with_the_projects_bentoml(tmp_path
     assert dockerfile.rstrip().endswith('CMD ["python", "-m", "embedding_worker", "auto"]')
     assert "ENV INFINITY_ANONYMOUS_USAGE_STATS=0 DO_NOT_TRACK=1" in dockerfile
     assert "ARG BAKE_MODELS" in dockerfile
+    # our modules' bytecode is compiled at build time, not by each new container
+    assert "RUN python -m compileall -q /home/bentoml/bento/src" in dockerfile
     # the exports are made at build time, for the bundled model and for the baked ones
     assert "python -m embedding_worker download --onnx /home/bentoml/onnx-cache" in dockerfile
     assert '--to /home/bentoml/hf-cache \\\n        --onnx /home/bentoml/onnx-cache' in dockerfile
@@ -100,6 +102,18 @@ async def test_an_export_made_ahead_is_served_without_exporting_again(tiny_model
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"tiny: ONNX export in {baked}" in done.stdout
+    # and the list of files a serve-mode start loads, which every start then reads ahead
+    from embedding_worker.api import readahead
+    from embedding_worker.config import Settings
+
+    listed = baked / readahead.list_name()
+    assert f"files a serve-mode start loads: listed in {listed}" in done.stdout
+    files = listed.read_text().split()
+    assert any("/bentoml/" in f for f in files) and any("onnxruntime" in f for f in files)
+    assert not any("/torch/" in f or "/optimum/" in f for f in files)  # the exporter is not served
+    settings = Settings(onnx_cache=str(own), baked_onnx_cache=str(baked))
+    assert readahead.find_list(settings) == listed
+    readahead.remember_when_ready(settings, lambda: True)  # a list is there: none written in own
     ours = logging.getLogger("embedding_worker")  # does not propagate once the service configured it
     ours.addHandler(caplog.handler)
     caplog.set_level(logging.INFO, logger="embedding_worker")

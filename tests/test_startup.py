@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -80,17 +81,29 @@ def test_serve_lists_the_files_it_loaded_for_the_next_start(served, tmp_path):
     _, _, log = served
     cache = os.path.join(SCRATCH_CACHE, "infinity-embedding-worker", "onnx")
     deadline = time.monotonic() + 10
-    while not (found := [f for f in os.listdir(cache) if f.startswith("serve-start-files-")]):
+    listed = os.path.join(cache, readahead.list_name())
+    while not os.path.isfile(listed):  # (renamed into place whole)
         assert time.monotonic() < deadline, log.read_text()[-2000:]
         time.sleep(0.2)
-    files = open(os.path.join(cache, found[0])).read().split()
+    files = open(listed).read().split()
     assert any("/bentoml/" in f for f in files) and any("onnxruntime" in f for f in files)
     assert all(os.path.isfile(f) for f in files)
     # a stale list (a file gone since) is only a hint: the read-ahead skips what is missing
     stale = tmp_path / "list.txt"
     stale.write_text(f"{tmp_path}/gone.pyc\n{files[0]}\n")
     readahead._hint(stale)
-    assert readahead.list_file(Settings(onnx_cache=cache)).name == found[0]
+    assert readahead.find_list(Settings(onnx_cache=cache)) == readahead.list_file(
+        Settings(onnx_cache=cache)) == Path(listed)
+
+
+def test_a_list_that_cannot_be_made_ahead_says_why_and_fails_nothing(tmp_path, capsys, monkeypatch):
+    from embedding_worker.api import readahead
+
+    monkeypatch.setenv("MODEL_NAMES", str(tmp_path / "no-such-model"))
+    assert readahead.record_ahead(str(tmp_path / "onnx"), timeout=60) is None
+    said = capsys.readouterr().err
+    assert "no read-ahead list made" in said and "no-such-model" in said
+    assert not (tmp_path / "onnx" / readahead.list_name()).exists()
 
 
 def test_serve_has_what_bentoml_serve_has(served):

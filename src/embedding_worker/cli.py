@@ -27,7 +27,8 @@ def service_dir() -> Path:
 
 def download(settings: Settings, cache_dir: str | None, onnx_dir: str | None) -> None:
     """Fetch MODEL_NAMES from the hub into `cache_dir` (the image build's model baking), then,
-    with `onnx_dir`, make the ONNX exports a CPU start would otherwise make."""
+    with `onnx_dir`, make the ONNX exports a CPU start would otherwise make and the list of files
+    a serve-mode start reads (api/readahead.py)."""
     from huggingface_hub import snapshot_download
 
     for spec in settings.models:
@@ -44,6 +45,11 @@ def download(settings: Settings, cache_dir: str | None, onnx_dir: str | None) ->
             where = exports.get(spec.served_name)
             print(f"{spec.served_name}: ONNX export in {where}" if where else
                   f"{spec.served_name}: not served by ONNX Runtime (see the log), nothing exported")
+        from .api.readahead import record_ahead
+
+        listed = record_ahead(onnx_dir)  # a fresh container reads its files ahead (docs/deployment.md)
+        if listed:
+            print(f"files a serve-mode start loads: listed in {listed}")
 
 
 def main(argv: list[str] | None = None) -> None:
