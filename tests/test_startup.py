@@ -96,6 +96,29 @@ def test_serve_lists_the_files_it_loaded_for_the_next_start(served, tmp_path):
         Settings(onnx_cache=cache)) == Path(listed)
 
 
+HANDOFF = """
+import gc, uvicorn
+from embedding_worker.cli import main
+before = sum(generation["collections"] for generation in gc.get_stats())
+def handoff(app, **options):  # where the start ends and serving would begin: look, then exit
+    during = sum(generation["collections"] for generation in gc.get_stats()) - before
+    print("handoff", gc.isenabled(), gc.get_freeze_count(), during, flush=True)
+uvicorn.run = handoff
+main(["serve"])
+"""
+
+
+def test_the_collector_rests_while_serve_starts_and_is_back_for_serving():
+    done = subprocess.run([sys.executable, "-c", HANDOFF], cwd=ROOT, capture_output=True, text=True,
+                          env=clean_env(PORT=str(free_port()), XDG_CACHE_HOME=SCRATCH_CACHE),
+                          timeout=120)
+    found = re.search(r"^handoff (\w+) (\d+) (\d+)$", done.stdout, re.M)
+    assert found, done.stdout + done.stderr[-2000:]
+    enabled, frozen, collections = found.groups()
+    # no collection while BentoML, the service and the models loaded; the start's objects frozen
+    assert enabled == "True" and int(frozen) > 10_000 and collections == "0"
+
+
 def test_a_list_that_cannot_be_made_ahead_says_why_and_fails_nothing(tmp_path, capsys, monkeypatch):
     from embedding_worker.api import readahead
 

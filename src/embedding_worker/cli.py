@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import startgc
 from .config import Settings, load_settings_or_exit
 from .observability.logs import configure_logging
 
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if mode == "auto":
         mode = "runpod" if settings.on_runpod else "serve"
+    startgc.pause()  # until the mode below has imported and loaded what it serves with
     if mode == "serve":
         if extra:
             parser.error(f"serve takes no options ({' '.join(extra)}); HOST and PORT set the "

@@ -350,6 +350,11 @@ def onnx_cache_dirs(settings: Settings) -> list[str]:
     return dirs
 
 
+def environment_with(**overrides: str) -> dict[str, str]:
+    """This process's environment with `overrides`: for a child process with other settings."""
+    return {**os.environ, **overrides}
+
+
 def prepare_single_process() -> None:
     """What `bentoml serve`'s arbiter gives its worker and one-process serving must give itself:
     a directory for the Prometheus client's multi-process mode, which BentoML's /metrics reads."""

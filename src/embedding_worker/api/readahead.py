@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import Settings, onnx_cache_dirs
+from ..config import Settings, environment_with, onnx_cache_dirs
 
 logger = logging.getLogger("embedding_worker")
 
@@ -121,8 +121,8 @@ def record_ahead(onnx_dir: str, timeout: float = READY_WAIT_S) -> Path | None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "ONNX_CACHE": onnx_dir, "BAKED_ONNX_CACHE": "", "HF_HUB_OFFLINE": "1",
-           "HOST": "127.0.0.1", "PORT": str(port)}
+    env = environment_with(ONNX_CACHE=onnx_dir, BAKED_ONNX_CACHE="", HF_HUB_OFFLINE="1",
+                           HOST="127.0.0.1", PORT=str(port))
     with tempfile.TemporaryFile("w+") as log:
         child = subprocess.Popen([sys.executable, "-m", "embedding_worker", "serve"], env=env,
                                  stdout=log, stderr=subprocess.STDOUT)

@@ -7,6 +7,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .. import startgc
 from ..config import Settings
 from ..core.core import Core
 from ..core.encoding import jsonable
@@ -62,6 +63,7 @@ def start(settings: Settings) -> None:
             logger.error("model loading failed: %s", one_line(exc))
             raise SystemExit(1) from None
         runpod = sdk.result()
+    startgc.resume()
     runpod.serverless.start({
         "handler": make_handler(core),
         "concurrency_modifier": lambda _current: settings.runpod_max_concurrency,

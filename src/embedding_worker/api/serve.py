@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .. import startgc
 from ..config import Settings, prepare_single_process
 from . import readahead
 
@@ -35,8 +36,10 @@ def serve(settings: Settings, service_dir: Path) -> None:
     definition = service.InfinityEmbedding
     server_context.service_name = definition.name
     server_context.service_type = "entry_service"
+    app = definition.to_asgi(is_main=True)
+    startgc.resume()
     uvicorn.run(
-        definition.to_asgi(is_main=True),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,  # our logging, configured by the caller
