@@ -7,6 +7,7 @@ import asyncio
 import os
 import random
 import re
+import socket
 import signal
 import time
 
@@ -124,6 +125,21 @@ def test_client_that_disconnects_stops_consuming_engine_time(guarded):
     assert re.search(r'embedding_worker_requests_total\{[^}]*outcome="cancelled"[^}]*\} 1\.0', metrics)
     r = httpx.post(f"{guarded.url}/v1/embeddings", headers=AUTH, json={"model": MINILM, "input": "next"})
     assert r.status_code == 200
+
+
+def test_client_gone_before_its_body_arrived_is_a_499_not_an_error(guarded):
+    host, port = guarded.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:  # headers, half the body, gone
+        raw.sendall(f"POST /v1/embeddings HTTP/1.1\r\nHost: {host}\r\nAuthorization: "
+                    f"{AUTH['Authorization']}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: 400\r\n\r\n{{\"model\": \"tiny-embed\", ".encode())
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while not [line for line in logged_requests(guarded)
+               if line["status"] == 499 and line.get("outcome") == "client disconnected"]:
+        assert time.monotonic() < deadline, guarded.logs()[-3000:]
+        time.sleep(0.2)
+    assert "ClientDisconnect" not in guarded.logs() and "unhandled error" not in guarded.logs()
 
 
 def test_model_fault_is_a_500_for_that_request_only(guarded):

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.routing import Route as StarletteRoute
@@ -62,7 +62,12 @@ def cancelled_on_disconnect(handler: Handler) -> Callable[[Request], Awaitable[R
     them, infinity skips them). The body is read before watching: both would `receive()`."""
 
     async def run(request: Request) -> Response:
-        task = asyncio.ensure_future(handler(request, await _json_body(request)))
+        try:
+            body = await _json_body(request)
+        except ClientDisconnect:  # gone before its body arrived: nothing to answer or to log as ours
+            annotate(outcome="client disconnected")
+            return Response(status_code=CLIENT_CLOSED)
+        task = asyncio.ensure_future(handler(request, body))
 
         async def disconnected() -> None:
             while (await request.receive())["type"] != "http.disconnect":
