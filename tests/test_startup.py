@@ -97,26 +97,39 @@ def test_serve_lists_the_files_it_loaded_for_the_next_start(served, tmp_path):
 
 
 HANDOFF = """
-import gc, uvicorn
+import gc, sys, runpod, uvicorn
+from embedding_worker import startgc
 from embedding_worker.cli import main
-before = sum(generation["collections"] for generation in gc.get_stats())
-def handoff(app, **options):  # where the start ends and serving would begin: look, then exit
-    during = sum(generation["collections"] for generation in gc.get_stats()) - before
-    print("handoff", gc.isenabled(), gc.get_freeze_count(), during, flush=True)
-uvicorn.run = handoff
-main(["serve"])
+def collections():
+    return sum(generation["collections"] for generation in gc.get_stats())
+paused, resumed = [], []
+pause, resume = startgc.pause, startgc.resume
+def counted_pause():
+    paused.append(collections())
+    pause()
+def counted_resume():  # the collections from the pause to the collector's return
+    resumed.append(collections() - paused[0])
+    resume()
+def handoff(*args, **options):  # where the start ends and serving would begin: look, then exit
+    print("handoff", gc.isenabled(), gc.get_freeze_count(), resumed, flush=True)
+startgc.pause, startgc.resume = counted_pause, counted_resume
+uvicorn.run = handoff  # serve mode's server
+runpod.serverless.start = handoff  # RunPod mode's job loop
+main([sys.argv[1]])
 """
 
 
-def test_the_collector_rests_while_serve_starts_and_is_back_for_serving():
-    done = subprocess.run([sys.executable, "-c", HANDOFF], cwd=ROOT, capture_output=True, text=True,
-                          env=clean_env(PORT=str(free_port()), XDG_CACHE_HOME=SCRATCH_CACHE),
-                          timeout=120)
-    found = re.search(r"^handoff (\w+) (\d+) (\d+)$", done.stdout, re.M)
+@pytest.mark.parametrize("mode", ["serve", "runpod"])
+def test_the_collector_rests_while_a_mode_starts_and_is_back_for_serving(mode):
+    done = subprocess.run([sys.executable, "-c", HANDOFF, mode], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120,
+                          env=clean_env(PORT=str(free_port()), XDG_CACHE_HOME=SCRATCH_CACHE))
+    found = re.search(r"^handoff (\w+) (\d+) (\[.*\])$", done.stdout, re.M)
     assert found, done.stdout + done.stderr[-2000:]
-    enabled, frozen, collections = found.groups()
-    # no collection while BentoML, the service and the models loaded; the start's objects frozen
-    assert enabled == "True" and int(frozen) > 10_000 and collections == "0"
+    enabled, frozen, resumed = found.groups()
+    # resumed once, after no collection while the mode imported and the models loaded; the
+    # start's objects frozen, the collector on for serving
+    assert resumed == "[0]" and enabled == "True" and int(frozen) > 10_000
 
 
 def test_a_list_that_cannot_be_made_ahead_says_why_and_fails_nothing(tmp_path, capsys, monkeypatch):
