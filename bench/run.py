@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,21 +27,16 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(ROOT / "tests")]
 
 from load import run_cell  # noqa: E402
+from server import free_port  # noqa: E402  (one port picker: it avoids the ephemeral range)
 from workload import texts  # noqa: E402
 
 INFINITY_PY = HERE / ".venv-infinity" / "bin" / "python"
 # Below this many texts in flight (concurrency x texts per request) a cell's batches are smaller
 # than the ceiling's, and the ceiling is also measured fed that many at a time: `_ceiling_by_texts`.
 SMALL_IN_FLIGHT = 128
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_reranker(path: Path, embedder: str) -> Path:
