@@ -36,7 +36,8 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def rows(self, model: str, texts: Sequence[str], compute: Compute) -> list[Any]:
+    async def rows(self, model: str, texts: Sequence[str], compute: Compute,
+                   *, counted: bool = True) -> list[Any]:
         """Each text's row: from memory, from a request computing it already, or from
         `compute` (called once with the texts nobody has, each once)."""
         out: list[Any] = [None] * len(texts)
@@ -56,17 +57,24 @@ class EmbeddingCache:
                 waiting.append((i, self._pending[key]))
             else:
                 mine[text] = [i]
-        metrics.cache(model, hits, len(waiting), len(mine))
+        if counted:
+            metrics.cache(model, hits, len(waiting), len(mine))
         if mine:
             await self._compute(model, mine, out, compute)
+        orphans: list[int] = []
         for i, future in waiting:
             try:
                 out[i] = await asyncio.shield(future)
             except asyncio.CancelledError:
                 if not future.cancelled():  # this request is the one cancelled
                     raise
-                # the request computing it left or failed: compute it here after all
-                out[i] = (await compute([texts[i]]))[0]
+                orphans.append(i)  # the request computing it left or failed
+        if orphans:
+            # Computed here after all: in one call, and through the cache again so that the
+            # other requests orphaned with this one share it rather than each computing it.
+            rows = await self.rows(model, [texts[i] for i in orphans], compute, counted=False)
+            for i, row in zip(orphans, rows):
+                out[i] = row
         return out
 
     async def _compute(self, model: str, mine: dict[str, list[int]], out: list[Any],
