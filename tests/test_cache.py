@@ -7,9 +7,16 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+from prometheus_client import REGISTRY
 
 from conftest import running
 from embedding_worker.core.cache import EmbeddingCache
+from embedding_worker.observability import metrics
+
+
+def lookups(model: str, result: str) -> float:
+    return REGISTRY.get_sample_value(metrics.PREFIX + "cache_lookups_total",
+                                     {"model": model, "result": result}) or 0
 
 
 class Counting:
@@ -58,17 +65,19 @@ async def test_a_waiter_computes_itself_when_the_first_request_leaves():
 async def test_requests_orphaned_together_compute_the_texts_once_in_one_call():
     cache, compute = EmbeddingCache(10**6), Counting(delay=0.2)
     texts = [f"text {i}" for i in range(20)]
-    first = asyncio.ensure_future(cache.rows("m", texts, compute))
+    first = asyncio.ensure_future(cache.rows("orphans", texts, compute))
     await asyncio.sleep(0.01)
-    waiters = [asyncio.ensure_future(cache.rows("m", texts, compute)) for _ in range(3)]
+    waiters = [asyncio.ensure_future(cache.rows("orphans", texts, compute)) for _ in range(3)]
     await asyncio.sleep(0.01)
     first.cancel()
     results = await asyncio.gather(*waiters)
     assert compute.calls == [texts, texts]  # one call between the three, not a text at a time
     assert all([r[0] for r in result] == [6 if i < 10 else 7 for i in range(20)]
                for result in results)
-    await cache.rows("m", texts, compute)  # and kept: not computed a third time
+    await cache.rows("orphans", texts, compute)  # and kept: not computed a third time
     assert len(compute.calls) == 2
+    # each request's texts counted once, as first looked up: the recomputation is not counted
+    assert [lookups("orphans", r) for r in ("miss", "coalesced", "hit")] == [20, 60, 20]
 
 
 async def test_faults_are_not_kept_and_the_size_is_bounded():

@@ -39,7 +39,9 @@ class EmbeddingCache:
     async def rows(self, model: str, texts: Sequence[str], compute: Compute,
                    *, counted: bool = True) -> list[Any]:
         """Each text's row: from memory, from a request computing it already, or from
-        `compute` (called once with the texts nobody has, each once)."""
+        `compute` (called once with the texts nobody has, each once; again only for texts
+        whose computing request left). Each text is counted in the metrics once: `counted`
+        is False for that second lookup."""
         out: list[Any] = [None] * len(texts)
         mine: dict[str, list[int]] = {}  # texts this call computes -> their positions
         waiting: list[tuple[int, asyncio.Future]] = []
