@@ -217,6 +217,45 @@ def test_huggingface_hub_feature_extraction_at_the_root_and_per_model(server, oa
     assert abs(np.linalg.norm(named[0]) - 1) > 0.01  # the model's own vector, not a unit one
 
 
+def cosines(vectors):
+    m = np.asarray(vectors, dtype=np.float64)
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    return m[1:] @ m[0]
+
+
+def test_huggingface_hub_sentence_similarity_at_the_root_and_per_model(server, oai, hub_online):
+    """The sentence-similarity task: cosines of the vectors /v1/embeddings gives (tiny-raw's are
+    not unit length: the cosine is not their dot product)."""
+    for base, model in ((server.url, MINILM), (f"{server.url}/tei/tiny-raw", "tiny-raw")):
+        got = InferenceClient(model=base).sentence_similarity(TEXTS[0], TEXTS[1:])
+        expected, _ = openai_vectors(oai, model, TEXTS, normalized=False)
+        np.testing.assert_allclose(got, cosines(expected), rtol=0, atol=1e-5)
+    job = post(server, "/runsync", {"input": {"route": "/similarity", "body": {
+        "inputs": {"source_sentence": TEXTS[0], "sentences": TEXTS[1:]}}}}).json()
+    minilm, _ = openai_vectors(oai, MINILM, TEXTS)
+    np.testing.assert_allclose(job["output"], cosines(minilm), rtol=0, atol=1e-5)
+
+
+def test_similarity_with_a_prompt_and_truncation(client):
+    """Options as embeddings take them: the model's prompt, and Left truncation as START."""
+    long = "tides rise and fall " * 200
+    body = {"inputs": {"source_sentence": "a question", "sentences": [long, "x"]},
+            "prompt_name": "query", "truncation_direction": "Left"}
+    got = client.post("/similarity", json=body)
+    assert got.status_code == 200, got.text
+    vectors = client.post("/v1/embeddings", json={
+        "model": MINILM, "input": ["a question", long, "x"], "prompt_name": "query",
+        "truncate": "START"}).json()["data"]
+    np.testing.assert_allclose(got.json(), cosines([v["embedding"] for v in vectors]), atol=1e-5)
+    plain = client.post("/", json={**body, "prompt_name": None, "truncation_direction": None})
+    assert not np.allclose(plain.json(), got.json(), atol=1e-3)  # both options changed the vectors
+    refused = client.post("/similarity", json={**body, "truncate": False})
+    assert refused.status_code == 400
+    assert refused.json()["error"].startswith("inputs.sentences[0]: it is ")  # over the window
+    bad = client.post("/similarity", json={"inputs": {"source_sentence": "a", "sentences": ["b", " "]}})
+    assert bad.status_code == 400 and bad.json()["error"].startswith("inputs.sentences[1]: empty")
+
+
 def test_llama_index_text_embeddings_inference(server, oai):
     embedder = TextEmbeddingsInference(model_name=MINILM, base_url=f"{server.url}/tei/{MINILM}")
     expected, _ = openai_vectors(oai, MINILM, TEXTS)

@@ -105,11 +105,15 @@ def test_dimensions_with_base64(client):
     assert len(base64.b64decode(payload["data"][0]["embedding"])) == 16 * 4
 
 
-def test_routes_without_v1_prefix(client):
+def test_routes_without_v1_prefix_are_infinitys_with_the_same_data(client):
     a = client.post("/embeddings", json={"model": MINILM, "input": "same"}).json()
     b = embed(client, model=MINILM, input="same")
     assert a["data"] == b["data"]
-    assert client.get("/models").json()["data"] == client.get("/v1/models").json()["data"]
+    assert a["id"].startswith("infinity-") and isinstance(a["created"], int)  # Infinity's keys
+    cards = client.get("/models").json()["data"]
+    assert {card["owned_by"] for card in cards} == {"infinity"}  # Infinity's client checks it
+    assert [{**card, "owned_by": None} for card in cards] == [
+        {**card, "owned_by": None} for card in client.get("/v1/models").json()["data"]]
 
 
 def test_multi_model_routing_by_model_field(client, tiny_models):

@@ -88,6 +88,8 @@ json_values = st.recursive(
     max_leaves=12,
 )
 non_strings = json_values.filter(lambda v: not isinstance(v, str))
+# a field's wrong value: null is no value at all (the field counts as absent)
+wrong_values = non_strings.filter(lambda v: v is not None)
 
 WHITESPACE = " \t\n\r\x0b\x0c\x1c\x85\xa0\u2003\u3000"
 blank = st.text(alphabet=WHITESPACE, max_size=4)
@@ -194,7 +196,7 @@ def text_list_fault(draw, field: str):
         return [], f"{field}: must not be empty"
     if kind == "token_ids":
         return draw(token_id_arrays), f"{field}: token-id arrays are not supported; send the text itself"
-    bad = draw(non_strings.filter(lambda v: not isinstance(v, list)))
+    bad = draw(wrong_values.filter(lambda v: not isinstance(v, list)))
     expected = "a list of strings" if field == "documents" else "a string or a list of strings"
     return bad, f"{field}: expected {expected}, got {json_type(bad)}"
 
@@ -206,6 +208,7 @@ def invalid_embedding_bodies(draw):
     kind = draw(st.sampled_from([
         "input", "blank_string", "missing_input", "missing_model", "empty_model", "model_type",
         "dimensions_range", "dimensions_type", "encoding_format", "modality", "user_type",
+        "null_required",
     ]))
     if kind == "input":
         body["input"], expected = draw(text_list_fault("input"))
@@ -223,8 +226,12 @@ def invalid_embedding_bodies(draw):
         body["model"] = ""
         return body, "model: String should have at least 1 character", "model"
     if kind == "model_type":
-        body["model"] = draw(non_strings)
+        body["model"] = draw(wrong_values)
         return body, "model: Input should be a valid string", "model"
+    if kind == "null_required":
+        field = draw(st.sampled_from(["model", "input"]))
+        body[field] = None
+        return body, f"{field}: field required", field
     if kind == "dimensions_range":
         body["dimensions"] = draw(st.integers(max_value=0))
         return body, "dimensions: Input should be greater than or equal to 1", "dimensions"
@@ -232,7 +239,8 @@ def invalid_embedding_bodies(draw):
         body["dimensions"] = draw(not_ints)
         return body, "dimensions: Input should be a valid integer", "dimensions"
     if kind == "encoding_format":
-        body["encoding_format"] = draw(json_values.filter(lambda v: v not in ("float", "base64")))
+        body["encoding_format"] = draw(json_values.filter(
+            lambda v: v not in ("float", "base64", None)))
         return body, "encoding_format: Input should be 'float' or 'base64'", "encoding_format"
     if kind == "modality":
         bad = draw(json_values.filter(
@@ -240,7 +248,7 @@ def invalid_embedding_bodies(draw):
         ))
         body["modality"] = bad
         return body, f"modality: {bad!r} is not supported; expected one of text, image, audio", "modality"
-    body["user"] = draw(non_strings.filter(lambda v: v is not None))
+    body["user"] = draw(wrong_values)
     return body, "user: Input should be a valid string", "user"
 
 
@@ -268,7 +276,7 @@ def invalid_rerank_bodies(draw):
         body["query"] = ""
         return body, "query: String should have at least 1 character", "query"
     if kind == "query_type":
-        body["query"] = draw(non_strings)
+        body["query"] = draw(wrong_values)
         return body, "query: Input should be a valid string", "query"
     if kind == "missing_query":
         del body["query"]

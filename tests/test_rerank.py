@@ -57,11 +57,23 @@ def test_top_n_and_return_documents(client, logits):
     assert [r["document"] for r in payload["results"]] == [{"text": DOCS[i]} for i in best]
 
 
-@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v2/rerank"])
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank", "/openai/v1/rerank"])
 def test_seed_shape_docs_and_return_docs(client, path):
     payload = rerank(client, path=path, docs=DOCS[:3], return_docs=True)
     assert sorted(r["index"] for r in payload["results"]) == [0, 1, 2]
     assert all(r["document"]["text"] == DOCS[r["index"]] for r in payload["results"])
+
+
+def test_unprefixed_rerank_is_infinitys_with_the_same_scores(client):
+    """`/rerank` answers as Infinity's server: the document itself (null unless asked for)."""
+    ours = rerank(client, docs=DOCS[:3], top_n=2, return_docs=True)
+    theirs = rerank(client, path="/rerank", documents=DOCS[:3], top_n=2, return_documents=True)
+    assert [(r["index"], r["relevance_score"]) for r in theirs["results"]] == [
+        (r["index"], r["relevance_score"]) for r in ours["results"]]
+    assert [r["document"] for r in theirs["results"]] == [DOCS[r["index"]] for r in theirs["results"]]
+    assert theirs["id"].startswith("infinity-") and theirs["usage"] == ours["usage"]
+    plain = rerank(client, path="/rerank", documents=DOCS[:3])
+    assert [r["document"] for r in plain["results"]] == [None] * 3
 
 
 def test_top_n_larger_than_documents_returns_all(client):

@@ -121,11 +121,11 @@ def create_app(core: Core) -> Starlette:
                                                 route.response, openapi.error_model(route)))
 
     for route in ROUTES:
-        operation = route.operation(core)
+        operation = route.bind(core)
         for i, path in enumerate(route.paths):
             add(path, route, operation, doc=i == 0)
     for path, route in TEI_ROUTES.items():  # the bare /tei/{model} last: it matches the rest
-        add(path, route, route.operation(core), doc=True)
+        add(path, route, route.bind(core), doc=True)
 
     async def runsync(request: Request) -> Response:
         """RunPod's Standard flavour, locally: the job's output wrapped as RunPod wraps it."""

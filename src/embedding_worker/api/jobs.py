@@ -14,6 +14,7 @@ from typing import Any
 
 from ..core.core import Core
 from ..core.errors import APIError, BadRequest, NotFound
+from ..core.schemas import without_nulls
 from .routes import OPENAI_PATHS, find, openai_route
 
 logger = logging.getLogger("embedding_worker")
@@ -29,6 +30,7 @@ async def dispatch(core: Core, job_input: Any) -> Any:
     """Route a job's `input` to the family operation it names."""
     if not isinstance(job_input, dict):
         raise BadRequest(f"job input must be a JSON object; {JOB_SHAPES}")
+    job_input = without_nulls(job_input)  # its shape is told by the keys it gives
     if "route" in job_input:
         path, body = str(job_input["route"]), job_input.get("body")
         found = find(core, "GET" if body is None else "POST", path) or find(core, "POST", path)
@@ -36,7 +38,7 @@ async def dispatch(core: Core, job_input: Any) -> Any:
             raise NotFound(f"route {path!r} is not served; see the route table in README",
                            param="route")
         route, model = found
-        return await route.operation(core)(body if body is not None else {}, model)
+        return await route.bind(core)(body if body is not None else {}, model)
     if "openai_route" in job_input:
         named = openai_route(str(job_input["openai_route"]))
         if named is None:
@@ -45,7 +47,7 @@ async def dispatch(core: Core, job_input: Any) -> Any:
                 f"of {', '.join(OPENAI_PATHS)}",
                 param="openai_route",
             )
-        return await named.operation(core)(job_input.get("openai_input") or {}, None)
+        return await named.bind(core)(job_input.get("openai_input") or {}, None)
     if "query" in job_input:
         return await core.rerank.create(job_input)
     if "input" in job_input:

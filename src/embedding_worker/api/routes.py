@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.core import Core
-from ..core.dialects import cohere, tei
+from ..core.dialects import cohere, infinity, tei
 from ..core.errors import APIError
 from ..core.schemas import (
     ClassifyRequest,
@@ -24,6 +24,7 @@ from ..core.schemas import (
     RerankResponse,
     TokenizeRequest,
     TokenizeResponse,
+    without_nulls,
 )
 
 # body, model named by the path (TEI's per-model prefix) or None
@@ -44,6 +45,12 @@ class Route:
     def method(self) -> str:
         return "GET" if self.request is None else "POST"
 
+    def bind(self, core: Core) -> Operation:
+        """The route's operation on `core`. A body's null members count as absent before
+        anything reads it (the routes that tell dialects apart by a body's keys too)."""
+        run = self.operation(core)
+        return lambda body, model: run(without_nulls(body), model)
+
 
 def _plain(get: Callable[[Core], Callable[[Any], Awaitable[Any]]]) -> Callable[[Core], Operation]:
     """An operation whose route names no model."""
@@ -55,12 +62,12 @@ def is_tei_rerank(body: Any) -> bool:
 
 
 def _rerank(core: Core) -> Operation:
-    """`/rerank` is both the rerank family's alias and TEI's route: TEI's body (`texts`) gets
-    TEI's answer, and TEI's error body."""
+    """`/rerank` is Infinity's route and TEI's: TEI's body (`texts`) gets TEI's answer, and TEI's
+    error body."""
 
     async def run(body: Any, model: str | None) -> Any:
         if not is_tei_rerank(body):
-            return await core.rerank.create(body)
+            return await core.infinity.rerank(body)
         try:
             return await core.tei.rerank(body, model)
         except APIError as exc:
@@ -73,31 +80,41 @@ def _rerank(core: Core) -> Operation:
 def _health(core: Core) -> Operation:
     async def run(_body: Any, model: str | None) -> dict[str, Any]:
         core.models.get(model or core.models.names[0])  # 503 with the reason unless ready
-        return {}
+        return infinity.health()
 
     return run
 
 
 ROUTES = (
-    # OpenAI, with Jina's and Infinity's fields; /openai/v1/...: RunPod's OpenAI proxy path
-    Route(("/v1/embeddings", "/embeddings", "/openai/v1/embeddings"),
-          _plain(lambda c: c.embeddings.create), EmbeddingRequest, EmbeddingResponse),
+    # OpenAI, with Jina's and Cohere's fields; /openai/v1/...: RunPod's OpenAI proxy path
+    Route(("/v1/embeddings", "/openai/v1/embeddings"), _plain(lambda c: c.embeddings.create),
+          EmbeddingRequest, EmbeddingResponse),
     Route(("/v1/rerank", "/v2/rerank", "/openai/v1/rerank"), _plain(lambda c: c.rerank.create),
           RerankRequest, RerankResponse),
-    Route(("/rerank",), _rerank, RerankRequest, RerankResponse | list[tei.TeiRank],
-          per_model=True),
-    Route(("/v1/models", "/models", "/openai/v1/models"), _plain(lambda c: c.models.list), None,
-          ModelList),
-    Route(("/v1/classify", "/classify"), _plain(lambda c: c.classify.create), ClassifyRequest,
+    Route(("/v1/models", "/openai/v1/models"), _plain(lambda c: c.models.list), None, ModelList),
+    Route(("/v1/classify",), _plain(lambda c: c.classify.create), ClassifyRequest,
           ClassifyResponse),
     Route(("/v1/tokenize",), _plain(lambda c: c.tokenize.create), TokenizeRequest,
           TokenizeResponse),
+    # Infinity's own API (infinity_emb v2), at its unprefixed paths
+    Route(("/embeddings",), _plain(lambda c: c.infinity.embeddings),
+          infinity.InfinityEmbeddingRequest, infinity.InfinityEmbeddingResponse, "infinity"),
+    Route(("/rerank",), _rerank, infinity.InfinityRerankRequest,
+          infinity.InfinityRerankResponse | list[tei.TeiRank], "infinity", per_model=True),
+    Route(("/models",), _plain(lambda c: c.infinity.list_models), None, infinity.InfinityModelList,
+          "infinity"),
+    Route(("/classify",), _plain(lambda c: c.infinity.classify), infinity.InfinityClassifyRequest,
+          ClassifyResponse, "infinity"),
+    Route(("/embeddings_image",), _plain(lambda c: c.infinity.embeddings_image),
+          infinity.InfinityImageRequest, infinity.InfinityEmbeddingResponse, "infinity"),
+    Route(("/embeddings_audio",), _plain(lambda c: c.infinity.embeddings_audio),
+          infinity.InfinityImageRequest, infinity.InfinityEmbeddingResponse, "infinity"),
     # Cohere
     Route(("/v2/embed",), _plain(lambda c: c.cohere.v2), cohere.CohereEmbedRequest,
           cohere.CohereEmbedByTypeResponse, "cohere"),
     Route(("/v1/embed",), _plain(lambda c: c.cohere.v1), cohere.CohereEmbedRequest,
           cohere.CohereEmbedByTypeResponse | cohere.CohereEmbedFloatsResponse, "cohere"),
-    # text-embeddings-inference
+    # text-embeddings-inference (/health is Infinity's too)
     Route(("/embed",), lambda c: c.tei.embed, tei.TeiEmbedRequest, list[list[float]], "tei", True),
     Route(("/predict",), lambda c: c.tei.predict, tei.TeiPredictRequest,
           list[tei.TeiLabel] | list[list[tei.TeiLabel]], "tei", True),
@@ -105,9 +122,12 @@ ROUTES = (
           list[list[tei.TeiToken]], "tei", True),
     Route(("/decode",), lambda c: c.tei.decode, tei.TeiDecodeRequest, list[str], "tei", True),
     Route(("/info",), lambda c: c.tei.info, None, tei.TeiInfo, "tei", True),
-    Route(("/health",), _health, None, dict[str, Any], "tei", True),
+    Route(("/health",), _health, None, infinity.Health, "tei", True),
+    Route(("/similarity",), lambda c: c.tei.similarity, tei.TeiSimilarityRequest, list[float],
+          "tei", True),
     Route(("/",), lambda c: c.tei.root, tei.TeiEmbedRequest,
-          list[list[float]] | list[tei.TeiRank] | list[list[tei.TeiLabel]], "tei", True),
+          list[list[float]] | list[float] | list[tei.TeiRank] | list[list[tei.TeiLabel]], "tei",
+          True),
 )
 TEI_ROUTES = {f"{TEI_PREFIX}{{model:path}}{path.rstrip('/')}": route
               for route in ROUTES if route.per_model for path in route.paths}

@@ -1,7 +1,7 @@
 """`Core`: the engine, the pipeline and the endpoint families of one process, started together.
 
 Transports call the families (`core.models`, `core.embeddings`, `core.rerank`, `core.classify`,
-`core.tokenize`, and the batch items) or a dialect over them (`core.cohere`, `core.tei`) with
+`core.tokenize`, and the batch items) or a dialect over them (`core.cohere`, `core.tei`, `core.infinity`) with
 parsed JSON bodies and get response dicts back (embeddings as numpy rows, see `encoding.dumps`)
 or an `errors.APIError`. Nothing here knows HTTP or RunPod.
 """
@@ -16,6 +16,7 @@ from ..engine.base import Engine
 from .cache import EmbeddingCache
 from .classify import Classify
 from .dialects.cohere import CohereEmbed
+from .dialects.infinity import Infinity
 from .dialects.tei import Tei
 from .embed import Embeddings
 from .images import ImageFetcher
@@ -60,6 +61,7 @@ class Core:
         # the dialects beside OpenAI's, over the same families
         self.cohere = CohereEmbed(self.embeddings, self.models)
         self.tei = Tei(self.models, self.embeddings, self.rerank, self.classify, self.tokenize)
+        self.infinity = Infinity(self.models, self.embeddings, self.rerank, self.classify)
 
     async def start(self) -> None:
         await self.engine.start()  # the image fetcher opens its client at its first fetch

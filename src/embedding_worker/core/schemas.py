@@ -118,7 +118,27 @@ def check_inputs(value: Any, field: str, images: bool) -> list[str | Image]:
     return out
 
 
-class RequestBody(BaseModel):
+def without_nulls(body: Any) -> Any:
+    """A JSON object without its null members: in every dialect a field sent as `null` means the
+    field left out (LiteLLM sends `"encoding_format": null`, langchain-cohere `"truncate": null`).
+    An optional field then takes its default; a required one is missing, and named so."""
+    if isinstance(body, dict) and any(value is None for value in body.values()):
+        return {key: value for key, value in body.items() if value is not None}
+    return body
+
+
+class Body(BaseModel):
+    """A request body or batch item: `null` members count as absent (`without_nulls`)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, value: Any) -> Any:
+        return without_nulls(value)
+
+
+class RequestBody(Body):
     # Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`, extras).
     model_config = ConfigDict(extra="ignore", protected_namespaces=(), populate_by_name=True)
 
@@ -169,8 +189,6 @@ class EmbeddingRequest(RequestBody):
     @field_validator("input_type", "task", "output_dtype", "truncate", mode="before")
     @classmethod
     def _choice(cls, value: Any, info: Any) -> Any:
-        if value is None:
-            return None
         field = info.field_name
         accepted = {"input_type": INPUT_TYPES, "task": TASKS, "truncate": TRUNCATIONS,
                     "output_dtype": (*OUTPUT_DTYPES, "base64")}[field]
@@ -206,8 +224,6 @@ class EmbeddingRequest(RequestBody):
     @field_validator("modality", mode="before")
     @classmethod
     def _modality(cls, value: Any) -> str:
-        if value is None:
-            return "text"
         if not isinstance(value, str) or value.lower() not in MODALITIES:
             raise invalid(f"modality: {value!r} is not supported; expected one of {', '.join(MODALITIES)}")
         return value.lower()
@@ -267,17 +283,13 @@ class TokenizeRequest(RequestBody):
 # --- items for the BentoML batchable methods (Bento-to-Bento callers) ---
 
 
-class EmbedItem(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
+class EmbedItem(Body):
     model: str = Field(min_length=1)
     text: str = Field(min_length=1)
     prompt_name: str | None = Field(None, min_length=1)  # else the model's default prompt
 
 
-class RerankItem(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
+class RerankItem(Body):
     model: str = Field(min_length=1)
     query: str = Field(min_length=1)
     document: str = Field(min_length=1)

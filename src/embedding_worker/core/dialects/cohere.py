@@ -56,8 +56,6 @@ class CohereEmbedRequest(RequestBody):
     @field_validator("texts", "images", mode="before")
     @classmethod
     def _texts(cls, value: Any, info: Any) -> list[str] | None:
-        if value is None:
-            return None
         if isinstance(value, str) or not isinstance(value, list):
             raise invalid(f"{info.field_name}: expected a list of strings, got "
                            f"{type_name(value)}")
@@ -74,8 +72,6 @@ class CohereEmbedRequest(RequestBody):
     @field_validator("embedding_types", mode="before")
     @classmethod
     def _types(cls, value: Any) -> Any:
-        if value is None:
-            return None
         if not isinstance(value, list) or not value:
             raise invalid("embedding_types: expected a non-empty list")
         for i, kind in enumerate(value):

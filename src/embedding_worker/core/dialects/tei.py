@@ -10,6 +10,7 @@ as if they stood at the top level.
 
 from __future__ import annotations
 
+import asyncio
 from importlib.metadata import version
 from typing import Annotated, Any, Literal
 
@@ -26,11 +27,14 @@ from ..rerank import Rerank
 from ..schemas import (
     TEXT_SCHEMA,
     TEXTS_SCHEMA,
+    Body,
     RequestBody,
     ResponseBody,
     check_texts,
     invalid,
+    type_name,
     unwrap_texts,
+    without_nulls,
 )
 from ..tokenize import Tokenize
 
@@ -47,8 +51,10 @@ class TeiRequest(RequestBody):
     def from_body(cls, body: Any) -> Any:
         """`huggingface_hub` sends `{"inputs", "parameters": {...}}`: the parameters count as
         top-level fields (a top-level one wins)."""
+        body = without_nulls(body)
         if isinstance(body, dict) and isinstance(body.get("parameters"), dict):
-            body = {**body["parameters"], **{k: v for k, v in body.items() if k != "parameters"}}
+            body = {**without_nulls(body["parameters"]),
+                    **{k: v for k, v in body.items() if k != "parameters"}}
         return parse(cls, body)
 
 
@@ -75,6 +81,44 @@ class TeiEmbedRequest(_Inputs):
     normalize: bool = True
     prompt_name: str | None = Field(None, min_length=1)
     dimensions: int | None = Field(None, ge=1)
+
+
+class SimilarityInputs(Body):
+    source_sentence: Annotated[str, WithJsonSchema(TEXT_SCHEMA)]
+    sentences: Annotated[list[str], WithJsonSchema(TEXTS_SCHEMA)]
+
+    @field_validator("source_sentence", mode="before")
+    @classmethod
+    def _source(cls, value: Any) -> str:
+        if not isinstance(value, str):
+            raise invalid(f"inputs.source_sentence: expected a string, got {type_name(value)}")
+        return check_texts(value, "inputs.source_sentence")[0]
+
+    @field_validator("sentences", mode="before")
+    @classmethod
+    def _sentences(cls, value: Any) -> list[str]:
+        if not isinstance(value, list):
+            raise invalid(f"inputs.sentences: expected a list of strings, got {type_name(value)}")
+        return check_texts(value, "inputs.sentences")
+
+
+class TeiSimilarityRequest(TeiRequest):
+    """The Hugging Face sentence-similarity task (TEI's `/similarity`, and `POST /` with it)."""
+
+    inputs: SimilarityInputs
+    truncate: bool | None = Field(None, description="default: TRUNCATE_INPUTS")
+    truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
+    prompt_name: str | None = Field(None, min_length=1)
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise invalid('inputs: expected {"source_sentence": ..., "sentences": [...]}, got '
+                           f"{type_name(value)}")
+        return value
+
+    truncation = _Inputs.truncation
 
 
 class TeiRerankRequest(TeiRequest):
@@ -163,6 +207,22 @@ class Tei:
             normalize=request.normalize))
         return list(done.matrix)
 
+    async def similarity(self, body: Any, model: str | None = None) -> list[float]:
+        """Each sentence's cosine similarity to the source sentence, in order."""
+        request = TeiSimilarityRequest.from_body(body)
+        name = self._model(model or request.model, "embed")
+
+        def job(texts: list[str], field: str) -> Any:
+            return self.embeddings.compute(EmbedJob(
+                model=name, inputs=texts, field=field, prompt_name=request.prompt_name,
+                truncate=request.truncation(), normalize=True))
+
+        # two jobs, so that an error names its field; they share the model's batches
+        source, sentences = await asyncio.gather(
+            job([request.inputs.source_sentence], "inputs.source_sentence"),
+            job(request.inputs.sentences, "inputs.sentences"))
+        return (sentences.matrix @ source.matrix[0]).astype(float).tolist()
+
     async def rerank(self, body: Any, model: str | None = None) -> list[dict[str, Any]]:
         request = TeiRerankRequest.from_body(body)
         name = self._model(model or request.model, "rerank")
@@ -215,10 +275,13 @@ class Tei:
                                                  ids, request.skip_special_tokens)  # type: ignore[arg-type]
 
     async def root(self, body: Any, model: str | None = None) -> list[Any]:
-        """`POST /`: TEI's route by the model's kind. A body with `query` and `texts` reranks;
+        """`POST /`: TEI's route by the model's kind. A body with `query` and `texts` reranks,
+        one whose `inputs` is `{"source_sentence", "sentences"}` scores sentence similarity;
         otherwise the model (named, else the first that embeds or classifies) decides."""
         if isinstance(body, dict) and "query" in body and "texts" in body:
             return await self.rerank(body, model)
+        if isinstance(body, dict) and isinstance(body.get("inputs"), dict):
+            return await self.similarity(body, model)
         named = body.get("model") if isinstance(body, dict) else None
         name = model or (named if isinstance(named, str) and named else None) \
             or self.models.default("embed", "classify")
