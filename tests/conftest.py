@@ -115,3 +115,33 @@ def client(served_env):
             assert time.monotonic() < deadline, "engines did not start"
             time.sleep(0.2)
         yield c
+
+
+DIALECT_SERVED = (MINILM, "tiny-raw", "tiny-rerank", "tiny-classify", "tiny-clip",
+                  "tiny-classify-faulty")
+
+
+@pytest.fixture(scope="session")
+def dialect_models(tiny_models, tmp_path_factory):
+    """One model of each kind, for the dialects' and the clients' server."""
+    root = tmp_path_factory.mktemp("dialect-models")
+    return {"raw": make_tiny_embedder(root / "tiny-raw", normalize=False, seed=4),
+            "classify": make_tiny_classifier(root / "tiny-classify"),
+            "faulty": make_tiny_classifier(root / "tiny-classify-faulty", positions=16),
+            **tiny_models}
+
+
+@pytest.fixture(scope="session")
+def dialect_server(dialect_models, tmp_path_factory):
+    """One real `bentoml serve` process shared by the dialect and client suites (slow tests):
+    the bundled MiniLM and the tiny models of `dialect_models`, named as DIALECT_SERVED."""
+    from server import BentoServer
+
+    m = dialect_models
+    sources = [bundled_model_path(), m["raw"], m["rerank"], m["classify"], m["clip"], m["faulty"]]
+    srv = BentoServer({
+        "MODEL_NAMES": ";".join(map(str, sources)), "SERVED_MODEL_NAMES": ";".join(DIALECT_SERVED),
+        "BATCH_SIZES": "8", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    }, tmp_path_factory.mktemp("dialects") / "server.log")
+    yield srv.start()
+    srv.stop()

@@ -21,35 +21,21 @@ from llama_index.embeddings.text_embeddings_inference import TextEmbeddingsInfer
 from conftest import MINILM
 from embedding_worker.config import bundled_model_path
 from imagehost import image_bytes
-from models import make_tiny_classifier, make_tiny_embedder
-from server import BentoServer
 
 pytestmark = pytest.mark.slow
 
 TEXTS = ["The cat sat on the mat.", "Quantum chromodynamics describes the strong force.",
          "A short one"]
-SERVED = (MINILM, "tiny-raw", "tiny-rerank", "tiny-classify", "tiny-clip", "tiny-classify-faulty")
 
 
 @pytest.fixture(scope="module")
-def models(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("dialect-models")
-    return {"raw": make_tiny_embedder(root / "tiny-raw", normalize=False, seed=4),
-            "classify": make_tiny_classifier(root / "tiny-classify"),
-            "faulty": make_tiny_classifier(root / "tiny-classify-faulty", positions=16),
-            **tiny_models}
+def models(dialect_models):
+    return dialect_models
 
 
 @pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    sources = [bundled_model_path(), models["raw"], models["rerank"], models["classify"],
-               models["clip"], models["faulty"]]
-    srv = BentoServer({
-        "MODEL_NAMES": ";".join(map(str, sources)), "SERVED_MODEL_NAMES": ";".join(SERVED),
-        "BATCH_SIZES": "8", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-    }, tmp_path_factory.mktemp("dialects") / "server.log")
-    yield srv.start()
-    srv.stop()
+def server(dialect_server):
+    return dialect_server
 
 
 @pytest.fixture(scope="module")
