@@ -238,14 +238,6 @@ def test_litellm_openai_provider_embedding(server):
     assert result.usage.prompt_tokens == usage["prompt_tokens"]
 
 
-def test_litellm_cohere_provider_rerank(server):
-    result = litellm.rerank(model=f"cohere/{RERANK}", query=QUERY, documents=DOCS, top_n=3,
-                            return_documents=True, api_base=server.url, api_key="unused")
-    expected = reference_ranking(server, top_n=3)
-    assert_ranking([(r["index"], r["relevance_score"]) for r in result.results], expected)
-    assert [r["document"]["text"] for r in result.results] == [DOCS[i] for i, _ in expected]
-
-
 def test_litellm_infinity_provider_embedding(server):
     result = litellm.embedding(model=f"infinity/{MINILM}", input=TEXTS, api_base=server.url,
                                api_key="unused")
@@ -255,12 +247,14 @@ def test_litellm_infinity_provider_embedding(server):
     assert result.usage.prompt_tokens == usage["prompt_tokens"]
 
 
-def test_litellm_infinity_provider_rerank(server):
-    result = litellm.rerank(model=f"infinity/{RERANK}", query=QUERY, documents=DOCS, top_n=3,
+@pytest.mark.parametrize("provider", ["cohere", "infinity"])
+def test_litellm_rerank(server, provider):
+    """Cohere's results carry `{"text": ...}` (/v1/rerank), Infinity's the text itself (/rerank);
+    LiteLLM gives `{"text": ...}` for both."""
+    result = litellm.rerank(model=f"{provider}/{RERANK}", query=QUERY, documents=DOCS, top_n=3,
                             return_documents=True, api_base=server.url, api_key="unused")
     expected = reference_ranking(server, top_n=3)
     assert_ranking([(r["index"], r["relevance_score"]) for r in result.results], expected)
-    # Infinity's results carry the document as a plain string; LiteLLM wraps it as {"text": ...}
     assert [r["document"]["text"] for r in result.results] == [DOCS[i] for i, _ in expected]
 
 
