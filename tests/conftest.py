@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,15 @@ async def running(**settings):
         yield core
     finally:
         await core.stop()
+
+
+def assert_like(vectors, expected) -> None:
+    """A default server's vectors against sentence-transformers' fp32 ones: on a CPU with AMX the
+    default is bf16, which keeps each vector to cosine >= 0.9999 (engine/precision.py), not to
+    fp32's 1e-4 per component."""
+    a, b = np.asarray(vectors, np.float64), np.asarray(expected, np.float64)
+    cosines = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert a.shape == b.shape and cosines.min() >= 0.9999, cosines
 
 
 def torch_logits(model_dir, query, documents):
@@ -86,6 +96,8 @@ def served_env(tiny_models) -> dict[str, str]:
         "SERVED_MODEL_NAMES": f"{MINILM};tiny-embed;tiny-rerank;tiny-clip",
         "PROMPTS": "query=query: |document=passage: ;;;",
         "BATCH_SIZES": "16",
+        # the numbers these tests hold to torch's are fp32's (bf16's: tests/test_runtime.py)
+        "DTYPES": "fp32",
         "MAX_INPUT_ITEMS": "100",
         "MAX_RERANK_DOCUMENTS": "50",
         # private addresses stay refused, except the image host's own 127.0.0.2

@@ -45,6 +45,29 @@ def make_tiny_embedder(path: Path, *, positions: int = 512, seed: int = 0, windo
     return path
 
 
+def make_bf16_fragile_embedder(path: Path) -> Path:
+    """A tiny embedder whose numbers bf16 cannot keep (fp32 keeps them): its last layer's output
+    is a difference of two equal activations weighted 1000 and -(1000 - d), |d| < 2. In fp32 the
+    difference d * g survives; bf16 rounds -(1000 - d) to -1000 (its step there is 4) and the
+    signal, which dominates the layer's output, cancels to nothing."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    make_tiny_embedder(path, seed=5)
+    st = SentenceTransformer(str(path), device="cpu")
+    layer = st[0].auto_model.encoder.layer[-1]
+    rng = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        up, down = layer.intermediate.dense, layer.output.dense
+        up.weight[1::2], up.bias[1::2] = up.weight[0::2], up.bias[0::2]  # equal pairs
+        sign = torch.randint(0, 2, (down.weight.shape[0], down.weight.shape[1] // 2),
+                             generator=rng) * 2 - 1.0
+        d = torch.rand(sign.shape, generator=rng) * 3.6 - 1.8
+        down.weight[:, 0::2], down.weight[:, 1::2] = 1000 * sign, -1000 * sign + d
+    st.save(str(path))
+    return path
+
+
 def make_faulty_embedder(path: Path) -> Path:
     """A broken model, as found in the wild: its sentence-transformers config claims 128 tokens
     but the BERT has position embeddings for 16, so the forward pass raises on any text longer

@@ -19,7 +19,7 @@ from embedding_worker.core.core import Core
 @pytest.fixture(scope="module")
 async def core(tiny_models):
     core = Core(Settings(model_names=str(tiny_models["embed"]), served_model_names="tiny-embed",
-                         batch_sizes="32"))
+                         batch_sizes="32", dtypes="fp32"))  # fp32's numbers, held to torch
     await core.start()
     yield core
     await core.stop()
@@ -103,7 +103,7 @@ async def test_concurrent_rerank_requests_with_different_queries_share_batches(t
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     core = Core(Settings(model_names=str(tiny_models["rerank"]), served_model_names="tiny-rerank",
-                         batch_sizes="32"))
+                         batch_sizes="32", dtypes="fp32"))
     await core.start()
     try:
         requests = [(f"query {i}" + " why" * i, [f"doc {i}.{j} " + "text " * (3 * j + i)

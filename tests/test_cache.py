@@ -96,7 +96,8 @@ async def test_faults_are_not_kept_and_the_size_is_bounded():
 
 async def test_through_the_core_the_numbers_are_the_same(tiny_models):
     texts = ["a query", "a document about caching", "a query"]
-    async with running(model_names=str(tiny_models["embed"]), served_model_names="m") as core:
+    async with running(model_names=str(tiny_models["embed"]), served_model_names="m",
+                       dtypes="fp32") as core:  # held to torch fp32 below
         model = core.models.get("m")
         cold = await core.embeddings.create({"model": "m", "input": texts})
         batches = model.heartbeat.batches

@@ -453,6 +453,7 @@ class ModelCard(ResponseBody):
     capabilities: list[str]
     backend: str
     dtype: str
+    runtime: str | None = Field(description="the CPU engine's: onnxruntime or openvino")
     device: str
     batch_size: int
     window: int | None = Field(description="tokens per input, special tokens included")
@@ -471,6 +472,7 @@ def model_card(info: ModelInfo, queue: QueueStats, created: int) -> dict[str, An
         "capabilities": sorted(info.capabilities),
         "backend": info.backend,
         "dtype": info.dtype,
+        "runtime": info.runtime,
         "device": info.device,
         "batch_size": info.batch_size,
         "window": info.window,

@@ -62,6 +62,7 @@ class ModelInfo:
     labels: tuple[str, ...] = ()
     label_activation: str = "softmax"
     pooling: str | None = None  # an embedder's pooling (TEI's names: mean, cls, last_token)
+    runtime: str | None = None  # the lean engine's: onnxruntime or openvino (engine.runtime)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from ..config import (
     prepare_model_cache,
 )
 from ..observability.logs import one_line
-from . import model_config, onnx_export
+from . import model_config, onnx_export, runtime
 from .base import Engine, ModelBackend
 from .onnx_export import OnnxPlan
 
@@ -51,7 +51,10 @@ def onnx_plans(settings: Settings, device: str, caches: list[str]) -> dict[str, 
     if backend == "auto":
         if device != "cpu" or not onnx_export.onnxruntime_installed():
             return {}
-        models = tuple(spec for spec in models if spec.dtype in ("auto", "float32"))
+        # bf16 where the lean engine computes it natively (AMX, OpenVINO); elsewhere torch's
+        lean_bf16 = runtime.for_this_cpu(runtime.BF16).precision == runtime.BF16  # (OpenVINO)
+        models = tuple(spec for spec in models if spec.dtype in ("auto", "float32")
+                       or (spec.dtype == "bfloat16" and lean_bf16))
     elif backend != "optimum":
         return {}
     if not models:
@@ -213,9 +216,11 @@ class CombinedEngine(Engine):
 
 def _log_model(model: ModelBackend, spec: ModelSpec, plan: OnnxPlan | None) -> None:
     info = model.info
+    choice = getattr(model, "choice", None)  # the lean engine's runtime and why
     logger.info(
-        "model %s: source=%s backend=%s dtype=%s device=%s batch_size=%d capabilities=%s%s",
+        "model %s: source=%s backend=%s dtype=%s device=%s batch_size=%d capabilities=%s%s%s",
         info.name, info.source, info.backend, info.dtype, info.device, info.batch_size,
         ",".join(sorted(info.capabilities)),
         f" onnx={plan.directory}" if plan is not None and info.backend == "optimum" else "",
+        f" runtime={choice.runtime} ({choice.reason})" if choice is not None else "",
     )

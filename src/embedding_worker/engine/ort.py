@@ -16,18 +16,20 @@ import asyncio
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import ConfigError, ModelSpec, Settings
-from . import model_config
+from ..observability.logs import one_line
+from . import model_config, precision, runtime
 from .base import Engine, Fault, Heartbeat, ModelBackend, ModelInfo, QueueStats, Rows, Tokens
 from .fault_guard import FaultGuard
 from .grouping import GROUP_TOKENS, token_groups
 from .onnx_export import OnnxPlan, onnx_files
+from .runtime import BF16, FP32, ONNXRUNTIME, Choice, open_session, runtime_version
 
 logger = logging.getLogger("embedding_worker")
 
@@ -41,8 +43,10 @@ class _Batch:
 
 
 class OrtModel(ModelBackend):
-    def __init__(self, spec: ModelSpec, plan: OnnxPlan, settings: Settings):
-        import onnxruntime as ort
+    """One model on its runtime (`runtime.choose`: ONNX Runtime fp32, or OpenVINO bf16)."""
+
+    def __init__(self, spec: ModelSpec, plan: OnnxPlan, settings: Settings,
+                 choice: Choice | None = None):
         from tokenizers import Tokenizer
 
         directory = Path(plan.directory)
@@ -50,12 +54,9 @@ class OrtModel(ModelBackend):
         files = onnx_files(directory)
         if not files:
             raise ConfigError(f"no .onnx file in {directory}")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(files[0]), options,
-                                            providers=["CPUExecutionProvider"])
-        self.inputs = {i.name for i in self.session.get_inputs()}
-        self.output = self.session.get_outputs()[0].name  # last_hidden_state or logits
+        self.choice = choice or Choice(ONNXRUNTIME, FP32, "ONNX Runtime")
+        self.session = open_session(files[0], self.choice)
+        self.inputs = self.session.inputs
         self.cross_encoder = plan.pooling == "auto"
         tokenizer_file = _tokenizer_file(Path(spec.source), directory)
         self.window = _window(spec.source, directory, plan.window)
@@ -77,16 +78,22 @@ class OrtModel(ModelBackend):
         self.special = self.tokenizer.num_special_tokens_to_add(is_pair=False)
         capability = "rerank" if self.cross_encoder else "embed"
         self.info = ModelInfo(
-            name=spec.served_name, source=spec.source, backend="optimum", dtype=spec.dtype,
-            device="cpu", batch_size=spec.batch_size, capabilities=frozenset({capability}),
+            name=spec.served_name, source=spec.source, backend="optimum",
+            dtype=self.choice.precision, runtime=self.choice.runtime, device="cpu",
+            batch_size=spec.batch_size, capabilities=frozenset({capability}),
             window=self.window, dimensions=None if self.cross_encoder else self._dimensions(),
             special_tokens=self.special,
             raw_vectors=True, unit_vectors=plan.normalizes,
             pooling=None if self.cross_encoder else model_config.pooling(spec.source),
         )
 
+    def chosen(self, choice: Choice) -> OrtModel:
+        """This model, its choice's reason restated (the start-up log shows it)."""
+        self.choice = choice
+        return self
+
     def _dimensions(self) -> int:
-        return int(self._embed_now(["dimensions"])[0].shape[0])
+        return int(self.embed_now(["dimensions"])[0].shape[0])
 
     # --- the three stages (wrapped by the fault guard) ---
 
@@ -112,7 +119,7 @@ class OrtModel(ModelBackend):
             if "token_type_ids" in self.inputs:
                 feed["token_type_ids"] = types
             with self._lock:
-                result = self.session.run([self.output], feed)[0]
+                result = self.session.run(feed)
             pooled = result[:, 0] if self.cross_encoder else self._pool(result, mask)
             if out is None:
                 out = np.empty((len(lengths), *pooled.shape[1:]), dtype=np.float32)
@@ -139,15 +146,15 @@ class OrtModel(ModelBackend):
 
     # --- the seam ---
 
-    def _embed_now(self, items: list[Any]) -> list[Any]:
+    def embed_now(self, items: list[Any]) -> list[Any]:
         return self._post(self._core(self._pre(items)))
 
     async def embed(self, texts: list[str]) -> Rows:
         # usage 0: the core counts each request's own (`usage`), as batches mix requests
-        return await asyncio.to_thread(self._embed_now, texts), 0
+        return await asyncio.to_thread(self.embed_now, texts), 0
 
     async def score(self, pairs: list[tuple[str, str]]) -> Rows:
-        rows = await asyncio.to_thread(self._embed_now, pairs)
+        rows = await asyncio.to_thread(self.embed_now, pairs)
         return [row if isinstance(row, Fault) else float(row) for row in rows], 0
 
     async def embed_images(self, images: list[Any]) -> Rows:
@@ -209,9 +216,40 @@ class OrtEngine(Engine):
             if name in self.models or name in self.failed:
                 continue
             try:
-                self.models[name] = OrtModel(specs[name], plan, self.settings)
+                spec = specs[name]
+                choice = (runtime.for_this_cpu(spec.dtype) if self.settings.backend == "auto"
+                          else Choice(ONNXRUNTIME, FP32, "BACKEND=optimum: ONNX Runtime"))
+                self.models[name] = self._open(spec, plan, choice)
             except Exception as exc:  # noqa: BLE001 - the caller decides: torch, or a failure
                 self.failed[name] = exc
+
+    def _open(self, spec: ModelSpec, plan: OnnxPlan, choice: Choice) -> OrtModel:
+        """The model in its chosen precision; bf16 only if it keeps the model's numbers
+        (`precision`), else fp32 (DTYPES=auto) or bf16 with a warning (DTYPES=bf16)."""
+        if choice.runtime == ONNXRUNTIME:
+            return OrtModel(spec, plan, self.settings, choice)
+        try:
+            model = OrtModel(spec, plan, self.settings, choice)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime may read what OpenVINO cannot
+            return OrtModel(spec, plan, self.settings, Choice(
+                ONNXRUNTIME, FP32, f"openvino could not compile it: {one_line(exc)}"))
+        fp32: list[OrtModel] = []
+
+        def run_fp32(items: list[Any]) -> list[Any]:
+            fp32.append(OrtModel(spec, plan, self.settings, Choice(ONNXRUNTIME, FP32, "")))
+            return fp32[0].embed_now(items)
+
+        verdict = precision.bf16_verdict(Path(plan.directory), runtime_version(choice.runtime),
+                                         model.cross_encoder, run_fp32, model.embed_now)
+        if verdict.ok:
+            return model.chosen(replace(choice, reason=f"{choice.reason}; {verdict.detail}"))
+        if spec.dtype == BF16:
+            logger.warning("model %s: bf16 changes its numbers (%s); served in bf16 as DTYPES "
+                           "asks", spec.served_name, verdict.detail)
+            return model.chosen(replace(choice, reason=f"DTYPES asks for bf16; {verdict.detail}"))
+        fallback = fp32[0] if fp32 else OrtModel(spec, plan, self.settings)
+        return fallback.chosen(Choice(ONNXRUNTIME, FP32, f"bf16 would change its numbers "
+                                                         f"({verdict.detail})"))
 
     async def start(self) -> None:
         await asyncio.to_thread(self.load)

@@ -1,0 +1,142 @@
+"""The runtimes the lean CPU engine runs a model's ONNX graph on, and which one (and in which
+precision) a model gets on this CPU.
+
+- ONNX Runtime, fp32: everywhere; the fused export (`onnx_export`).
+- OpenVINO, reading the same ONNX file: bf16 on the CPU's matrix units (AMX), where
+  `INFERENCE_PRECISION_HINT=bf16` makes it run bf16 kernels; on a CPU without native bf16 the hint
+  is ignored (it runs f32), so bf16 is chosen only where the CPU has it.
+
+docs/performance.md has the measurements behind the choice (`bench/runtimes.py`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+logger = logging.getLogger("embedding_worker")
+
+ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
+FP32, BF16 = "float32", "bfloat16"
+# /proc/cpuinfo flags of CPUs that compute bf16 natively: AMX tiles (Sapphire Rapids on), and
+# AVX-512 BF16 (Cooper Lake, Zen 4), which OpenVINO also uses for bf16 but was not measured faster
+AMX_BF16, AVX512_BF16 = "amx_bf16", "avx512_bf16"
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (the first processor's; they are the same on every core)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_name(path: str = "/proc/cpuinfo") -> str:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def runtime_version(runtime: str) -> str:
+    from importlib.metadata import version
+
+    return f"{runtime} {version(runtime)}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Where and how a model runs, and why (logged at start-up)."""
+
+    runtime: str
+    precision: str
+    reason: str
+
+
+def choose(dtype: str, flags: frozenset[str], openvino: bool) -> Choice:
+    """The runtime and precision for a model asked for in `dtype` (auto, float32, bfloat16) on a
+    CPU with `flags`. bf16 only where the CPU has AMX: its one measured gain (docs/performance.md);
+    `bf16` asked for on a CPU without native bf16 is served in fp32, with the reason."""
+    amx = AMX_BF16 in flags
+    if dtype == FP32:
+        return Choice(ONNXRUNTIME, FP32, "DTYPES asks for float32")
+    if not amx:
+        why = "the CPU has no AMX (amx_bf16)"
+        if dtype == BF16:
+            why += ": bf16 would be emulated, slower than fp32; served in float32"
+        return Choice(ONNXRUNTIME, FP32, why)
+    if not openvino:
+        return Choice(ONNXRUNTIME, FP32, "the CPU has AMX but openvino is not installed")
+    return Choice(OPENVINO, BF16, "the CPU has AMX (amx_bf16): bf16 on its matrix units")
+
+
+def for_this_cpu(dtype: str) -> Choice:
+    """`choose` on this machine's CPU and installed runtimes."""
+    return choose(dtype, cpu_flags(), openvino_installed())
+
+
+class Session(Protocol):
+    inputs: set[str]
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """The graph's first output for `feed` (a new array: the caller may keep it)."""
+
+
+class OrtSession:
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.output = self.session.get_outputs()[0].name  # last_hidden_state or logits
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run([self.output], feed)[0]
+
+
+class OpenVinoSession:
+    """OpenVINO's CPU plugin on the ONNX file, compiled for `precision`; compiled graphs are kept
+    in `cache_dir` (a second start reads them instead of compiling)."""
+
+    def __init__(self, path: Path, precision: str, cache_dir: Path | None = None):
+        import openvino as ov
+
+        core = ov.Core()
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == BF16 else "f32",
+            "PERFORMANCE_HINT": "LATENCY",  # one stream on every core, as ONNX Runtime runs
+        }
+        if cache_dir is not None:
+            config["CACHE_DIR"] = str(cache_dir)
+        self.compiled = core.compile_model(str(path), "CPU", config)
+        self.inputs = {name for port in self.compiled.inputs for name in port.get_names()}
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        # the request's output buffer is reused by the next inference: a copy leaves it free
+        return np.array(self.request.infer(feed)[0], copy=True)
+
+
+def open_session(path: Path, choice: Choice, cache_dir: Path | None = None) -> Session:
+    if choice.runtime == OPENVINO:
+        return OpenVinoSession(path, choice.precision, cache_dir)
+    return OrtSession(path)
