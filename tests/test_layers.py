@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "embedding_worker"
 
-ENGINE_LIBRARIES = {"infinity_emb", "torch", "onnxruntime", "optimum", "transformers",
+ENGINE_LIBRARIES = {"infinity_emb", "torch", "onnxruntime", "openvino", "optimum", "transformers",
                     "sentence_transformers"}
 TRANSPORT_LIBRARIES = {"fastapi", "starlette", "bentoml", "_bentoml_impl", "runpod", "uvicorn"}
 # what each layer may not import of the package's own layers (data flows api -> core -> engine;

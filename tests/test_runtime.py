@@ -192,3 +192,13 @@ async def test_a_model_failing_the_guard(monkeypatch, tmp_path, caplog, fragile,
         assert "bf16 would change its numbers (min cosine" in caplog.text
     else:
         assert "bf16 changes its numbers" in caplog.text  # served as asked, with a warning
+
+
+async def test_bf16_asked_for_on_a_cpu_without_amx_is_torch_with_a_warning(monkeypatch, tmp_path,
+                                                                            tiny_models, caplog):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda path="/proc/cpuinfo": ZEN3)
+    caplog.set_level(logging.INFO, logger="embedding_worker")
+    async with running(model_names=str(tiny_models["embed"]), served_model_names="tiny",
+                       onnx_cache=str(tmp_path), dtypes="bf16") as core:
+        assert card(core, "tiny")["backend"] == "torch"
+    assert "DTYPES asks for bf16, which this CPU does not compute natively" in caplog.text

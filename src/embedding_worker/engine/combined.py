@@ -52,9 +52,14 @@ def onnx_plans(settings: Settings, device: str, caches: list[str]) -> dict[str, 
         if device != "cpu" or not onnx_export.onnxruntime_installed():
             return {}
         # bf16 where the lean engine computes it natively (AMX, OpenVINO); elsewhere torch's
-        lean_bf16 = runtime.for_this_cpu(runtime.BF16).precision == runtime.BF16  # (OpenVINO)
+        bf16 = runtime.for_this_cpu(runtime.BF16)
+        for spec in models:
+            if spec.dtype == runtime.BF16 and bf16.precision != runtime.BF16:
+                logger.warning("model %s: DTYPES asks for bf16, which this CPU does not compute "
+                               "natively (%s): served by torch, slower than fp32 here",
+                               spec.served_name, bf16.reason)
         models = tuple(spec for spec in models if spec.dtype in ("auto", "float32")
-                       or (spec.dtype == "bfloat16" and lean_bf16))
+                       or (spec.dtype == runtime.BF16 and bf16.precision == runtime.BF16))
     elif backend != "optimum":
         return {}
     if not models:
