@@ -1,4 +1,5 @@
-"""The lean CPU engine: text embedders and rerankers on ONNX Runtime, `tokenizers` and numpy.
+"""The lean CPU engine: text embedders and rerankers on ONNX Runtime (fp32) or OpenVINO (bf16 on
+a CPU with AMX: `runtime`, guarded by `precision`), `tokenizers` and numpy.
 
 It imports neither infinity_emb nor torch, transformers or sentence-transformers, which are
 three quarters of a start (docs/performance.md). A model comes as an `onnx_export.OnnxPlan`

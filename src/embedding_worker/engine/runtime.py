@@ -114,20 +114,18 @@ class OrtSession:
 
 
 class OpenVinoSession:
-    """OpenVINO's CPU plugin on the ONNX file, compiled for `precision`; compiled graphs are kept
-    in `cache_dir` (a second start reads them instead of compiling)."""
+    """OpenVINO's CPU plugin on the ONNX file, compiled for `precision` at each start (~0.3 s for
+    MiniLM). Its CACHE_DIR is not used: with an f32 and a bf16 compile of one model in one
+    process it corrupted memory (docs/performance.md)."""
 
-    def __init__(self, path: Path, precision: str, cache_dir: Path | None = None):
+    def __init__(self, path: Path, precision: str):
         import openvino as ov
 
-        core = ov.Core()
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == BF16 else "f32",
             "PERFORMANCE_HINT": "LATENCY",  # one stream on every core, as ONNX Runtime runs
         }
-        if cache_dir is not None:
-            config["CACHE_DIR"] = str(cache_dir)
-        self.compiled = core.compile_model(str(path), "CPU", config)
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self.inputs = {name for port in self.compiled.inputs for name in port.get_names()}
         self.request = self.compiled.create_infer_request()
 
@@ -136,7 +134,7 @@ class OpenVinoSession:
         return np.array(self.request.infer(feed)[0], copy=True)
 
 
-def open_session(path: Path, choice: Choice, cache_dir: Path | None = None) -> Session:
+def open_session(path: Path, choice: Choice) -> Session:
     if choice.runtime == OPENVINO:
-        return OpenVinoSession(path, choice.precision, cache_dir)
+        return OpenVinoSession(path, choice.precision)
     return OrtSession(path)
