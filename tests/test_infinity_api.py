@@ -5,6 +5,7 @@ and scores equal `/v1/embeddings`' and `/v1/rerank`'s; `/rerank`'s documents are
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import MINILM
+from imagehost import image_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -88,9 +90,6 @@ def test_classify(parsed, dialect_server):
 
 def test_the_other_infinity_routes(dialect_server):
     """`/embeddings_image` (CLIP) equals `modality: image`; audio is a 501 as on /v1."""
-    from imagehost import image_bytes
-    import base64
-
     image = "data:image/png;base64," + base64.b64encode(image_bytes("PNG", "red")).decode()
     legacy = post(dialect_server, "/embeddings_image", {"model": "tiny-clip", "input": [image]})
     ours = post(dialect_server, "/v1/embeddings", {"model": "tiny-clip", "input": [image],

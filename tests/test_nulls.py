@@ -61,7 +61,7 @@ def classifier(tmp_path_factory):
     return make_tiny_classifier(tmp_path_factory.mktemp("nulls") / "tiny-classify")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 async def http(tiny_models, classifier):
     sources = [bundled_model_path(), tiny_models["rerank"], classifier, tiny_models["clip"]]
     async with running(model_names=";".join(map(str, sources)),

@@ -84,11 +84,13 @@ def test_a_verdict_is_kept_per_runtime_version(tmp_path):
         calls.append(len(items))
         return np.eye(len(items), 16)
 
-    first = precision.bf16_verdict(tmp_path, "openvino 1", False, run, run)
+    assert precision.kept_verdict(tmp_path, "openvino 1") is None
+    first = precision.probe(tmp_path, "openvino 1", False, run, run)
     assert first.ok and len(calls) == 2
-    kept = precision.bf16_verdict(tmp_path, "openvino 1", False, None, None)  # not called
-    assert kept.ok and kept.detail.endswith("(kept)")
-    again = precision.bf16_verdict(tmp_path, "openvino 2", False, run, run)
+    kept = precision.kept_verdict(tmp_path, "openvino 1")
+    assert kept is not None and kept.ok and kept.detail.endswith("(kept)")
+    assert precision.kept_verdict(tmp_path, "openvino 2") is None  # a new runtime: probed again
+    again = precision.probe(tmp_path, "openvino 2", False, run, run)
     assert again.ok and len(calls) == 4
     assert json.loads((tmp_path / precision.VERDICT_FILE).read_text())["runtime_version"] == \
         "openvino 2"
@@ -190,6 +192,11 @@ async def test_a_model_failing_the_guard(monkeypatch, tmp_path, caplog, fragile,
         assert (got["dtype"], got["runtime"]) == expected
     if dtypes == "auto":
         assert "bf16 would change its numbers (min cosine" in caplog.text
+        caplog.clear()  # a second start reads the kept verdict, and compiles no bf16 graph
+        async with running(model_names=str(fragile), served_model_names="fragile",
+                           onnx_cache=str(tmp_path), dtypes=dtypes) as core:
+            assert (card(core, "fragile")["dtype"], card(core, "fragile")["runtime"]) == expected
+        assert "(kept))" in caplog.text
     else:
         assert "bf16 changes its numbers" in caplog.text  # served as asked, with a warning
 
@@ -201,4 +208,5 @@ async def test_bf16_asked_for_on_a_cpu_without_amx_is_torch_with_a_warning(monke
     async with running(model_names=str(tiny_models["embed"]), served_model_names="tiny",
                        onnx_cache=str(tmp_path), dtypes="bf16") as core:
         assert card(core, "tiny")["backend"] == "torch"
-    assert "DTYPES asks for bf16, which this CPU does not compute natively" in caplog.text
+    assert ("DTYPES asks for bf16, which the CPU engine does not serve here (the CPU has no AMX "
+            "(amx_bf16): bf16 would be emulated): served by torch") in caplog.text

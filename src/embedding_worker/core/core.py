@@ -1,9 +1,9 @@
 """`Core`: the engine, the pipeline and the endpoint families of one process, started together.
 
 Transports call the families (`core.models`, `core.embeddings`, `core.rerank`, `core.classify`,
-`core.tokenize`, and the batch items) or a dialect over them (`core.cohere`, `core.tei`, `core.infinity`) with
-parsed JSON bodies and get response dicts back (embeddings as numpy rows, see `encoding.dumps`)
-or an `errors.APIError`. Nothing here knows HTTP or RunPod.
+`core.tokenize`, and the batch items) or a dialect over them (`core.cohere`, `core.tei`,
+`core.infinity`) with parsed JSON bodies and get response dicts back (embeddings as numpy rows,
+see `encoding.dumps`) or an `errors.APIError`. Nothing here knows HTTP or RunPod.
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ class ModelInfo:
     label_activation: str = "softmax"
     pooling: str | None = None  # an embedder's pooling (TEI's names: mean, cls, last_token)
     runtime: str | None = None  # the lean engine's: onnxruntime or openvino (engine.runtime)
+    runtime_reason: str = ""  # why that runtime and precision (the start-up line)
 
 
 @dataclass(frozen=True)

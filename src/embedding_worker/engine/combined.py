@@ -55,8 +55,8 @@ def onnx_plans(settings: Settings, device: str, caches: list[str]) -> dict[str, 
         bf16 = runtime.for_this_cpu(runtime.BF16)
         for spec in models:
             if spec.dtype == runtime.BF16 and bf16.precision != runtime.BF16:
-                logger.warning("model %s: DTYPES asks for bf16, which this CPU does not compute "
-                               "natively (%s): served by torch, slower than fp32 here",
+                logger.warning("model %s: DTYPES asks for bf16, which the CPU engine does not "
+                               "serve here (%s): served by torch, likely slower than fp32",
                                spec.served_name, bf16.reason)
         models = tuple(spec for spec in models if spec.dtype in ("auto", "float32")
                        or (spec.dtype == runtime.BF16 and bf16.precision == runtime.BF16))
@@ -221,11 +221,10 @@ class CombinedEngine(Engine):
 
 def _log_model(model: ModelBackend, spec: ModelSpec, plan: OnnxPlan | None) -> None:
     info = model.info
-    choice = getattr(model, "choice", None)  # the lean engine's runtime and why
     logger.info(
         "model %s: source=%s backend=%s dtype=%s device=%s batch_size=%d capabilities=%s%s%s",
         info.name, info.source, info.backend, info.dtype, info.device, info.batch_size,
         ",".join(sorted(info.capabilities)),
         f" onnx={plan.directory}" if plan is not None and info.backend == "optimum" else "",
-        f" runtime={choice.runtime} ({choice.reason})" if choice is not None else "",
+        f" runtime={info.runtime} ({info.runtime_reason})" if info.runtime else "",
     )

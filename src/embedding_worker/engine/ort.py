@@ -55,8 +55,8 @@ class OrtModel(ModelBackend):
         files = onnx_files(directory)
         if not files:
             raise ConfigError(f"no .onnx file in {directory}")
-        self.choice = choice or Choice(ONNXRUNTIME, FP32, "ONNX Runtime")
-        self.session = open_session(files[0], self.choice)
+        choice = choice or Choice(ONNXRUNTIME, FP32, "ONNX Runtime")
+        self.session = open_session(files[0], choice)
         self.inputs = self.session.inputs
         self.cross_encoder = plan.pooling == "auto"
         tokenizer_file = _tokenizer_file(Path(spec.source), directory)
@@ -80,7 +80,8 @@ class OrtModel(ModelBackend):
         capability = "rerank" if self.cross_encoder else "embed"
         self.info = ModelInfo(
             name=spec.served_name, source=spec.source, backend="optimum",
-            dtype=self.choice.precision, runtime=self.choice.runtime, device="cpu",
+            dtype=choice.precision, runtime=choice.runtime, runtime_reason=choice.reason,
+            device="cpu",
             batch_size=spec.batch_size, capabilities=frozenset({capability}),
             window=self.window, dimensions=None if self.cross_encoder else self._dimensions(),
             special_tokens=self.special,
@@ -88,9 +89,9 @@ class OrtModel(ModelBackend):
             pooling=None if self.cross_encoder else model_config.pooling(spec.source),
         )
 
-    def chosen(self, choice: Choice) -> OrtModel:
-        """This model, its choice's reason restated (the start-up log shows it)."""
-        self.choice = choice
+    def because(self, reason: str) -> OrtModel:
+        """This model, the reason for its runtime restated (the start-up line shows it)."""
+        self.info = replace(self.info, runtime_reason=reason)
         return self
 
     def _dimensions(self) -> int:
@@ -227,30 +228,36 @@ class OrtEngine(Engine):
     def _open(self, spec: ModelSpec, plan: OnnxPlan, choice: Choice) -> OrtModel:
         """The model in its chosen precision; bf16 only if it keeps the model's numbers
         (`precision`), else fp32 (DTYPES=auto) or bf16 with a warning (DTYPES=bf16)."""
+        def fp32(reason: str) -> OrtModel:
+            return OrtModel(spec, plan, self.settings, Choice(ONNXRUNTIME, FP32, reason))
+
         if choice.runtime == ONNXRUNTIME:
             return OrtModel(spec, plan, self.settings, choice)
+        directory, version = Path(plan.directory), runtime_version(choice.runtime)
+        verdict = precision.kept_verdict(directory, version)
+        if verdict is not None and not verdict.ok and spec.dtype != BF16:
+            return fp32(f"bf16 would change its numbers ({verdict.detail})")  # nothing compiled
         try:
             model = OrtModel(spec, plan, self.settings, choice)
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime may read what OpenVINO cannot
-            return OrtModel(spec, plan, self.settings, Choice(
-                ONNXRUNTIME, FP32, f"openvino could not compile it: {one_line(exc)}"))
-        fp32: list[OrtModel] = []
+            return fp32(f"openvino could not compile it: {one_line(exc)}")
+        reference: list[OrtModel] = []  # the probe's fp32 model, served if bf16 fails
 
         def run_fp32(items: list[Any]) -> list[Any]:
-            fp32.append(OrtModel(spec, plan, self.settings, Choice(ONNXRUNTIME, FP32, "")))
-            return fp32[0].embed_now(items)
+            reference.append(fp32(""))
+            return reference[0].embed_now(items)
 
-        verdict = precision.bf16_verdict(Path(plan.directory), runtime_version(choice.runtime),
-                                         model.cross_encoder, run_fp32, model.embed_now)
+        if verdict is None:
+            verdict = precision.probe(directory, version, model.cross_encoder, run_fp32,
+                                      model.embed_now)
         if verdict.ok:
-            return model.chosen(replace(choice, reason=f"{choice.reason}; {verdict.detail}"))
+            return model.because(f"{choice.reason}; {verdict.detail}")
         if spec.dtype == BF16:
             logger.warning("model %s: bf16 changes its numbers (%s); served in bf16 as DTYPES "
                            "asks", spec.served_name, verdict.detail)
-            return model.chosen(replace(choice, reason=f"DTYPES asks for bf16; {verdict.detail}"))
-        fallback = fp32[0] if fp32 else OrtModel(spec, plan, self.settings)
-        return fallback.chosen(Choice(ONNXRUNTIME, FP32, f"bf16 would change its numbers "
-                                                         f"({verdict.detail})"))
+            return model.because(f"DTYPES asks for bf16; {verdict.detail}")
+        reason = f"bf16 would change its numbers ({verdict.detail})"
+        return reference[0].because(reason) if reference else fp32(reason)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.load)

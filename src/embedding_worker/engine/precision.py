@@ -2,11 +2,10 @@
 
 Before a model is served in bf16, probe texts (a reranker: probe pairs) go through it in bf16 and
 in ONNX Runtime's fp32; every embedding must agree to cosine >= MIN_COSINE, every reranker score
-(the sigmoid the API returns) within MAX_SCORE_GAP, in the same order per query (of documents more than
-MAX_SCORE_GAP apart). The verdict is
-kept beside the model's export (`VERDICT_FILE`, keyed by the runtime's version), so the probe runs
-once per model and machine image, not on every start; a model that fails is served in fp32, and
-the start-up log says why.
+(the sigmoid the API returns) within MAX_SCORE_GAP, in the same order per query (for documents
+more than MAX_SCORE_GAP apart). The verdict is kept beside the model's export (`VERDICT_FILE`,
+keyed by the runtime's version), so the probe runs once per model and machine image, not on
+every start; a model that fails is served in fp32, and the start-up line says why.
 """
 
 from __future__ import annotations
@@ -78,18 +77,21 @@ def judge(reference: np.ndarray, candidate: np.ndarray, cross_encoder: bool) -> 
                    f"order {'kept' if same_order else 'changed'}")
 
 
-def bf16_verdict(directory: Path, runtime_version: str, cross_encoder: bool,
-                 run_fp32: Callable[[list[Any]], Any], run_bf16: Callable[[list[Any]], Any]
-                 ) -> Verdict:
-    """The kept verdict for this model and runtime version, else the probe's (then kept where
-    the export's directory can be written)."""
-    path = directory / VERDICT_FILE
+def kept_verdict(directory: Path, runtime_version: str) -> Verdict | None:
+    """The verdict an earlier probe kept for this model and runtime version, if any."""
     try:
-        kept = json.loads(path.read_text())
+        kept = json.loads((directory / VERDICT_FILE).read_text())
         if kept.get("runtime_version") == runtime_version:
             return Verdict(bool(kept["ok"]), kept["detail"] + " (kept)")
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, AttributeError):
         pass
+    return None
+
+
+def probe(directory: Path, runtime_version: str, cross_encoder: bool,
+          run_fp32: Callable[[list[Any]], Any], run_bf16: Callable[[list[Any]], Any]) -> Verdict:
+    """The probe's verdict, kept where the export's directory can be written."""
+    path = directory / VERDICT_FILE
     probes: list[Any] = probe_pairs() if cross_encoder else list(PROBE_TEXTS)
     reference, candidate = run_fp32(probes), run_bf16(probes)
     # probes the model itself fails on (a fault in either run) are left out of the comparison

@@ -11,23 +11,22 @@ docs/performance.md has the measurements behind the choice (`bench/runtimes.py`)
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-logger = logging.getLogger("embedding_worker")
-
 ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
 FP32, BF16 = "float32", "bfloat16"
-# /proc/cpuinfo flags of CPUs that compute bf16 natively: AMX tiles (Sapphire Rapids on), and
-# AVX-512 BF16 (Cooper Lake, Zen 4), which OpenVINO also uses for bf16 but was not measured faster
-AMX_BF16, AVX512_BF16 = "amx_bf16", "avx512_bf16"
+# The /proc/cpuinfo flag of AMX's bf16 tiles (Sapphire Rapids on). AVX-512 BF16 alone (Cooper
+# Lake, Zen 4), which OpenVINO also uses for bf16, was not measured: fp32 there.
+AMX_BF16 = "amx_bf16"
 
 
+@functools.cache  # read once per process, whatever the number of models
 def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
     """The CPU's feature flags (the first processor's; they are the same on every core)."""
     try:
@@ -51,6 +50,7 @@ def cpu_name(path: str = "/proc/cpuinfo") -> str:
     return "unknown CPU"
 
 
+@functools.cache
 def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
@@ -72,15 +72,15 @@ class Choice:
 
 def choose(dtype: str, flags: frozenset[str], openvino: bool) -> Choice:
     """The runtime and precision for a model asked for in `dtype` (auto, float32, bfloat16) on a
-    CPU with `flags`. bf16 only where the CPU has AMX: its one measured gain (docs/performance.md);
-    `bf16` asked for on a CPU without native bf16 is served in fp32, with the reason."""
+    CPU with `flags`. bf16 only where the CPU has AMX: its one measured gain (docs/performance.md).
+    A float32 choice for `bf16` means the lean engine does not serve it here (torch does)."""
     amx = AMX_BF16 in flags
     if dtype == FP32:
         return Choice(ONNXRUNTIME, FP32, "DTYPES asks for float32")
     if not amx:
         why = "the CPU has no AMX (amx_bf16)"
         if dtype == BF16:
-            why += ": bf16 would be emulated, slower than fp32; served in float32"
+            why += ": bf16 would be emulated"
         return Choice(ONNXRUNTIME, FP32, why)
     if not openvino:
         return Choice(ONNXRUNTIME, FP32, "the CPU has AMX but openvino is not installed")

@@ -23,17 +23,15 @@ from pydantic import Field
 from ..classify import Classify
 from ..embed import Embeddings
 from ..models import Models
-from ..pipeline import parse
 from ..rerank import Rerank
 from ..schemas import (
     ClassifyRequest,
+    EmbeddingData,
     EmbeddingRequest,
     ModelCard,
     RerankRequest,
     ResponseBody,
     Usage,
-    EmbeddingData,
-    usage,
 )
 
 # what Infinity's request models (and so its generated client) put in `model` when none is given
@@ -80,14 +78,14 @@ class Infinity:
         return await self.embeddings(_with_modality(body, "audio"))
 
     async def rerank(self, body: Any) -> dict[str, Any]:
-        request = parse(RerankRequest, self._named(body, "rerank"))
-        done = await self.rerank_family.scores(request.model, request.query, request.documents,
-                                               raw_scores=request.raw_scores)
-        ranked = done.ranked[: request.top_n] if request.top_n is not None else done.ranked
-        return _stamped({"object": "rerank", "model": request.model, "results": [
-            {"relevance_score": done.scores[i], "index": i,
-             "document": request.documents[i] if request.return_documents else None}
-            for i in ranked], "usage": usage(done.tokens)})
+        """The family's answer in Infinity's shape: each document as its text (null unless
+        asked for), no Cohere `meta`."""
+        done = await self.rerank_family.create(self._named(body, "rerank"))
+        results = [{"relevance_score": r["relevance_score"], "index": r["index"],
+                    "document": r["document"]["text"] if "document" in r else None}
+                   for r in done["results"]]
+        return _stamped({"object": "rerank", "model": done["model"], "results": results,
+                         "usage": done["usage"]})
 
     async def classify(self, body: Any) -> dict[str, Any]:
         return await self.classify_family.create(self._named(body, "classify"))

@@ -58,15 +58,9 @@ class TeiRequest(RequestBody):
         return parse(cls, body)
 
 
-class _Inputs(TeiRequest):
-    inputs: Annotated[str | list[str], WithJsonSchema(INPUTS)]
+class _Truncated(TeiRequest):
     truncate: bool | None = Field(None, description="default: TRUNCATE_INPUTS")
     truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
-
-    @field_validator("inputs", mode="before")
-    @classmethod
-    def _inputs(cls, value: Any) -> list[str]:
-        return check_texts(value, "inputs")
 
     def truncation(self) -> str | None:
         """As the embed family's `truncate` (Left keeps a text's end)."""
@@ -75,6 +69,15 @@ class _Inputs(TeiRequest):
         if not self.truncate:
             return "NONE"
         return "START" if self.truncation_direction.lower() == "left" else "END"
+
+
+class _Inputs(_Truncated):
+    inputs: Annotated[str | list[str], WithJsonSchema(INPUTS)]
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs(cls, value: Any) -> list[str]:
+        return check_texts(value, "inputs")
 
 
 class TeiEmbedRequest(_Inputs):
@@ -102,12 +105,10 @@ class SimilarityInputs(Body):
         return check_texts(value, "inputs.sentences")
 
 
-class TeiSimilarityRequest(TeiRequest):
+class TeiSimilarityRequest(_Truncated):
     """The Hugging Face sentence-similarity task (TEI's `/similarity`, and `POST /` with it)."""
 
     inputs: SimilarityInputs
-    truncate: bool | None = Field(None, description="default: TRUNCATE_INPUTS")
-    truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
     prompt_name: str | None = Field(None, min_length=1)
 
     @field_validator("inputs", mode="before")
@@ -117,8 +118,6 @@ class TeiSimilarityRequest(TeiRequest):
             raise invalid('inputs: expected {"source_sentence": ..., "sentences": [...]}, got '
                            f"{type_name(value)}")
         return value
-
-    truncation = _Inputs.truncation
 
 
 class TeiRerankRequest(TeiRequest):
