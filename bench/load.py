@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from itertools import count
@@ -53,10 +54,16 @@ async def run_cell(
     the server's CPU seconds so far, read at both ends of the measured span."""
     result = CellResult()
     numbers = count()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+    # a client (one connection) per worker: in one shared pool a lagging event loop can close
+    # a connection handed to a request before it is sent (see tests/test_hardening_e2e.py)
+    limits = httpx.Limits(max_connections=1, keepalive_expiry=1)
+    clients = [httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits)
+               for _ in range(concurrency)]
+    async with contextlib.AsyncExitStack() as stack:
+        for client in clients:
+            await stack.enter_async_context(client)
 
-        async def worker(measure_from: float, stop_at: float, record: bool) -> None:
+        async def worker(client: httpx.AsyncClient, stop_at: float, record: bool) -> None:
             while time.perf_counter() < stop_at:
                 body, items, tokens = make_body(next(numbers))
                 start = time.perf_counter()
@@ -76,10 +83,10 @@ async def run_cell(
                     result.errors += 1
 
         now = time.perf_counter()
-        await asyncio.gather(*(worker(now, now + warmup, False) for _ in range(concurrency)))
+        await asyncio.gather(*(worker(c, now + warmup, False) for c in clients))
         cpu = server_cpu(), time.process_time()
         began = time.perf_counter()
-        await asyncio.gather(*(worker(began, began + duration, True) for _ in range(concurrency)))
+        await asyncio.gather(*(worker(c, began + duration, True) for c in clients))
         result.elapsed = time.perf_counter() - began
         result.server_cpu_s = server_cpu() - cpu[0]
         result.client_cpu_s = time.process_time() - cpu[1]
