@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, running
+from embedding_worker.engine import precision, runtime
 from server import clean_env
 
 # a PATH without the project's environment (and without /usr/sbin's debootstrap), as a newcomer's
@@ -102,6 +103,11 @@ async def test_an_export_made_ahead_is_served_without_exporting_again(tiny_model
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"tiny: ONNX export in {baked}" in done.stdout
+    # OpenVINO's form of it too, and on a CPU that computes bf16 the guard's verdict (the list's
+    # start below made it): a container from the image neither converts nor probes
+    export = Path(done.stdout.split("tiny: ONNX export in ", 1)[1].split()[0])
+    assert (export / runtime.OPENVINO_IR).is_file()
+    assert (export / precision.VERDICT_FILE).is_file() == (runtime.AMX_BF16 in runtime.cpu_flags())
     # and the list of files a serve-mode start loads, which every start then reads ahead
     from embedding_worker.api import readahead
     from embedding_worker.config import Settings
@@ -126,4 +132,6 @@ async def test_an_export_made_ahead_is_served_without_exporting_again(tiny_model
     finally:
         ours.removeHandler(caplog.handler)
     assert f"found in {baked}" in caplog.text and "exporting" not in caplog.text
+    if runtime.AMX_BF16 in runtime.cpu_flags():
+        assert "runtime=openvino" in caplog.text and "(kept)" in caplog.text
     assert not os.path.exists(own) or not os.listdir(own)

@@ -139,6 +139,43 @@ def test_bf16_rerank_scores_hold_to_torch_fp32(tiny_models, onnx_cache):
     assert verdict.ok, verdict.detail
 
 
+def test_shapes_are_few_and_never_past_the_window():
+    shapes = set()
+    for rows in range(1, 257):
+        for width in range(1, 513):
+            padded_rows, padded_width = runtime.bucketed(rows, width, 512)
+            assert rows <= padded_rows <= max(rows * 3 // 2, rows + 1)  # at most a third padding
+            assert width <= padded_width <= 512 and padded_width - width < max(16, width // 4)
+            shapes.add((padded_rows, padded_width))
+    assert len(shapes) <= 16 * 32
+    assert runtime.bucketed(5, 70, 77) == (6, 77)  # a window that is not a step: capped at it
+    assert runtime.bucketed(300, 20, 512) == (300, 32)  # past the last bucket: rows as they are
+
+
+def test_openvino_runs_its_own_form_on_few_shapes(tiny_models, onnx_cache):
+    """bf16 compiles the export's OpenVINO form (fp16 weights), and a mix of batch sizes and
+    lengths reaches it as a few padded shapes whose padding is sliced off the answer."""
+    model = lean(tiny_models["embed"], onnx_cache, OV_BF16)
+    assert model.session.source == model.session.source.parent / runtime.OPENVINO_IR
+    reference = lean(tiny_models["embed"], onnx_cache, Choice(ONNXRUNTIME, FP32, ""))
+    seen, run = [], model.session.run
+
+    def recording(feed):
+        mask = feed["attention_mask"]
+        real = (int((mask.sum(1) > 0).sum()), int(mask.sum(1).max()))
+        seen.append((real, feed["input_ids"].shape))
+        return run(feed)
+
+    model.session.run = recording
+    rng = np.random.default_rng(5)
+    words = "tide harbour lantern quartz meadow signal orbit copper".split()
+    for _ in range(40):
+        texts = [" ".join(rng.choice(words, rng.integers(1, 60))) for _ in range(rng.integers(1, 20))]
+        assert min_cosine(embed(model, texts), embed(reference, texts)) >= 0.9999
+    assert all(shape == runtime.bucketed(*real, model.window) for real, shape in seen)
+    assert len({shape for _, shape in seen}) * 2 < len({real for real, _ in seen})
+
+
 @pytest.fixture(scope="module")
 def fragile(tmp_path_factory):
     return make_bf16_fragile_embedder(tmp_path_factory.mktemp("fragile") / "m")

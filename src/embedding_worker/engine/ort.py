@@ -111,9 +111,11 @@ class OrtModel(ModelBackend):
         out: np.ndarray | None = None
         for rows in groups:
             width = max(lengths[i] for i in rows)
-            ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            types = np.zeros((len(rows), width), dtype=np.int64)
+            # the runtime may want a padded shape (OpenVINO: a few shapes, not every one)
+            height, padded = self.session.shape(len(rows), width, self.window)
+            ids = np.full((height, padded), self.pad_id, dtype=np.int64)
+            mask = np.zeros((height, padded), dtype=np.int64)
+            types = np.zeros((height, padded), dtype=np.int64)
             for j, i in enumerate(rows):
                 n = lengths[i]
                 ids[j, :n], mask[j, :n], types[j, :n] = batch.ids[i], 1, batch.types[i]
@@ -121,7 +123,8 @@ class OrtModel(ModelBackend):
             if "token_type_ids" in self.inputs:
                 feed["token_type_ids"] = types
             with self._lock:
-                result = self.session.run(feed)
+                result = self.session.run(feed)[: len(rows)]
+            mask = mask[: len(rows)]
             pooled = result[:, 0] if self.cross_encoder else self._pool(result, mask)
             if out is None:
                 out = np.empty((len(lengths), *pooled.shape[1:]), dtype=np.float32)

@@ -24,6 +24,8 @@ FP32, BF16 = "float32", "bfloat16"
 # The /proc/cpuinfo flag of AMX's bf16 tiles (Sapphire Rapids on). AVX-512 BF16 alone (Cooper
 # Lake, Zen 4), which OpenVINO also uses for bf16, was not measured: fp32 there.
 AMX_BF16 = "amx_bf16"
+# OpenVINO's form of an export, weights in fp16, beside model.onnx (`onnx_export`): bf16 reads it
+OPENVINO_IR = "openvino_model.xml"
 
 
 @functools.cache  # read once per process, whatever the number of models
@@ -95,8 +97,26 @@ def for_this_cpu(dtype: str) -> Choice:
 class Session(Protocol):
     inputs: set[str]
 
+    def shape(self, rows: int, width: int, window: int) -> tuple[int, int]:
+        """The (rows, width) to pad a batch of `rows` x `width` tokens to, at most `window` wide:
+        the caller slices the padding off the output."""
+
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         """The graph's first output for `feed` (a new array: the caller may keep it)."""
+
+
+# Rows are padded to one of these (two steps an octave: at most a third of a batch is padding).
+ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def bucketed(rows: int, width: int, window: int) -> tuple[int, int]:
+    """`rows` and `width` rounded up to few distinct shapes: OpenVINO's CPU plugin compiles and
+    keeps kernels for every input shape it meets, so a server's mix of batch sizes and lengths
+    grew its memory past a gigabyte and on (docs/performance.md has the numbers). Widths go up in
+    steps of an eighth of their power of two (16 at least), never past the window."""
+    padded_rows = next((b for b in ROW_BUCKETS if b >= rows), rows)
+    step = max(16, (1 << (width - 1).bit_length()) // 8)
+    return padded_rows, min(-(-width // step) * step, max(window, width))
 
 
 class OrtSession:
@@ -109,17 +129,25 @@ class OrtSession:
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.output = self.session.get_outputs()[0].name  # last_hidden_state or logits
 
+    def shape(self, rows: int, width: int, window: int) -> tuple[int, int]:
+        return rows, width  # ONNX Runtime runs any shape as fast: padding would only cost
+
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([self.output], feed)[0]
 
 
 class OpenVinoSession:
-    """OpenVINO's CPU plugin on the ONNX file, compiled for `precision` at each start (~0.3 s for
-    MiniLM). Its CACHE_DIR is not used: with an f32 and a bf16 compile of one model in one
-    process it corrupted memory (docs/performance.md)."""
+    """OpenVINO's CPU plugin, compiled for `precision` at each start (~0.3 s for MiniLM): bf16 from
+    the export's OpenVINO form where there is one (half the weights' memory), else, and f32 always,
+    from the ONNX file. Its CACHE_DIR is not used: with an f32 and a bf16 compile of one model in
+    one process it corrupted memory (docs/performance.md)."""
 
     def __init__(self, path: Path, precision: str):
         import openvino as ov
+
+        if precision == BF16 and (path.parent / OPENVINO_IR).is_file():
+            path = path.parent / OPENVINO_IR
+        self.source = path
 
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == BF16 else "f32",
@@ -128,6 +156,9 @@ class OpenVinoSession:
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self.inputs = {name for port in self.compiled.inputs for name in port.get_names()}
         self.request = self.compiled.create_infer_request()
+
+    def shape(self, rows: int, width: int, window: int) -> tuple[int, int]:
+        return bucketed(rows, width, window)
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         # the request's output buffer is reused by the next inference: a copy leaves it free
