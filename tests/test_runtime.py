@@ -247,3 +247,17 @@ async def test_bf16_asked_for_on_a_cpu_without_amx_is_torch_with_a_warning(monke
         assert card(core, "tiny")["backend"] == "torch"
     assert ("DTYPES asks for bf16, which the CPU engine does not serve here (the CPU has no AMX "
             "(amx_bf16): bf16 would be emulated): served by torch") in caplog.text
+
+
+def test_usage_reads_the_models_own_encoding_and_counts_alike(tiny_models, onnx_cache):
+    """A text the model has encoded is counted from that encoding (no second tokenisation on the
+    event loop), the same as a text it has not: special tokens out, cut at the window."""
+    model = lean(tiny_models["embed"], onnx_cache, Choice(ONNXRUNTIME, FP32, ""))
+    texts = ["a short one", "tides " * 40, "word " * (model.window + 50)]  # the last one is cut
+    fresh = [model.usage([text]) for text in texts]
+    assert fresh[2] == model.window - model.special and fresh[0] < fresh[1] < fresh[2]
+    model.embed_now(texts)
+    assert all(text in model._counts for text in texts)  # kept from the model's own encoding
+    assert [model.usage([text]) for text in texts] == fresh
+    assert model.usage(texts + ["never embedded text"]) == sum(fresh) + model.usage(
+        ["never embedded text"])
