@@ -31,7 +31,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from run import INFINITY_PY, bench_models, body_maker, targets, tree_cpu_seconds  # noqa: E402
 from runtimes import cpu  # noqa: E402
-from versus import CELLS  # noqa: E402
+from versus import CELLS, at_each_dtype  # noqa: E402
 
 BODIES = 2000  # distinct request bodies a cell cycles through
 LIMIT_ITEMS = 512  # items the in-process limit embeds (or pairs it scores) per cell
@@ -102,13 +102,14 @@ def run_wrk(url: str, path: str, bodies: Path, concurrency: int, seconds: float)
             "wrk_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)}
 
 
-def serve_cells(server, cells: list[dict], bodies: dict[str, Path], seconds: float) -> list[dict]:
+def serve_cells(server, cells: list[dict], bodies: dict[str, Path], per_request: dict[str, int],
+                seconds: float) -> list[dict]:
     rows = []
     server.start()
     try:
         for cell in cells:
             path = server.prefix + ("/rerank" if cell["kind"] == "rerank" else "/embeddings")
-            items = 32 if cell["kind"] == "rerank" else cell["size"]
+            items = per_request[cell_name(cell)]
             # wrk counts the requests done within its time: those in flight at the end are lost,
             # so a cell of multi-second requests (rerank) gets 3x the time to keep that small
             span = seconds * (3 if cell["kind"] == "rerank" else 1)
@@ -145,18 +146,15 @@ def main() -> None:
     if not INFINITY_PY.exists():
         sys.exit(f"{INFINITY_PY} missing: see bench/README.md to create Infinity's environment")
     args.out.mkdir(parents=True, exist_ok=True)
-    bodies = {}
+    bodies, per_request = {}, {}
     for cell in CELLS:
         make = body_maker(cell, corpus, tokens)
+        per_request[cell_name(cell)] = make(0)[1]  # items a request carries: the same in a cell
         bodies[cell_name(cell)] = args.out / f"bodies-{cell['kind']}-{cell['concurrency']}.jsonl"
         bodies[cell_name(cell)].write_text(
             "".join(json.dumps(make(i)[0]) + "\n" for i in range(BODIES)))
     worker, _, infinity = targets(models, args.out)
-    servers = [worker]
-    for dtype in ("float32", "bfloat16"):
-        servers.append(type(infinity)(f"infinity-{dtype}", [*infinity.command, "--dtype", dtype],
-                                      infinity.env, infinity.ready_path, infinity.prefix,
-                                      args.out / f"infinity-{dtype}.log"))
+    servers = [worker, *at_each_dtype(infinity, args.out)]
     rows: list[dict] = []
     for _ in range(args.rounds):
         for cell in CELLS:
@@ -166,7 +164,7 @@ def main() -> None:
             rows.append({"server": "in-process", "cell": cell_name(cell), **got})
             print(json.dumps(rows[-1]), flush=True)
         for server in servers:
-            rows += serve_cells(server, CELLS, bodies, args.seconds)
+            rows += serve_cells(server, CELLS, bodies, per_request, args.seconds)
     summary = summarize(rows)
     (args.out / "results.json").write_text(json.dumps(
         {"cpu": cpu(), "seconds": args.seconds, "rows": rows, "summary": summary}, indent=1))

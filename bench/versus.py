@@ -22,12 +22,27 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from load import run_cell  # noqa: E402
-from run import INFINITY_PY, bench_models, body_maker, targets, tree_cpu_seconds  # noqa: E402
+from run import (  # noqa: E402
+    INFINITY_PY,
+    Target,
+    bench_models,
+    body_maker,
+    targets,
+    tree_cpu_seconds,
+)
 from runtimes import cpu  # noqa: E402
 
 CELLS = [{"kind": "embed", "concurrency": 16, "size": 8, "format": "float"},
          {"kind": "embed", "concurrency": 64, "size": 1, "format": "float"},
          {"kind": "rerank", "concurrency": 16, "size": 32, "format": "float"}]
+
+
+def at_each_dtype(infinity: Target, out: Path) -> list[Target]:
+    """Infinity's server at `--dtype float32` and at `bfloat16` (which is faster depends on the
+    CPU: bf16 on AMX)."""
+    return [Target(f"infinity-{dtype}", [*infinity.command, "--dtype", dtype], infinity.env,
+                   infinity.ready_path, infinity.prefix, out / f"infinity-{dtype}.log")
+            for dtype in ("float32", "bfloat16")]
 
 
 def main() -> None:
@@ -42,12 +57,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     models, corpus, tokens = bench_models()
     worker, _, infinity = targets(models, args.out)
-    servers = {"worker": worker}
-    for dtype in ("float32", "bfloat16"):
-        variant = type(infinity)(f"infinity-{dtype}", [*infinity.command, "--dtype", dtype],
-                                 infinity.env, infinity.ready_path, infinity.prefix,
-                                 args.out / f"infinity-{dtype}.log")
-        servers[variant.name] = variant
+    servers = {server.name: server for server in (worker, *at_each_dtype(infinity, args.out))}
     rows: list[dict] = []
     for round_ in range(args.rounds):
         for name, server in servers.items():

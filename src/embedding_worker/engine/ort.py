@@ -186,8 +186,8 @@ class OrtModel(ModelBackend):
     def usage(self, texts: list[str]) -> int:
         """Text tokens as the model saw them: special tokens excluded, cut at the window (without
         special tokens the truncating tokenizer cuts at the window itself). Texts the model has
-        just encoded are counted from that encoding (`_encode`): tokenising each request's texts
-        a second time on the event loop cost a fifth of the throughput at 64 x 1 text."""
+        just encoded are counted from that encoding (`_encode`), not tokenised a second time on
+        the event loop, whose CPU the model's threads need (docs/performance.md)."""
         counts = self._counts
         found = [counts.get(text) for text in texts]
         missing = [text for text, count in zip(texts, found) if count is None]
