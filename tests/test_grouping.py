@@ -26,6 +26,32 @@ def test_token_groups_keep_each_row_once_within_the_budget():
     assert grouping.token_groups([10] * 8, 1024) == [list(range(8))]
 
 
+def test_groups_fill_the_shapes_a_runtime_pads_to():
+    """With OpenVINO's few shapes, a group cut short by the budget keeps only the rows its padded
+    shape holds (no padding rows), the budget holds for the padded shape, and every row comes
+    back once; the last group alone may pad."""
+    from embedding_worker.engine.runtime import bucketed
+
+    rng = np.random.default_rng(3)
+    shape = lambda rows, width: bucketed(rows, width, 512)  # noqa: E731
+    padded_rows = {"plain": 0, "shaped": 0}
+    for _ in range(200):
+        lengths = rng.integers(3, 200, rng.integers(1, 64)).tolist()
+        groups = grouping.token_groups(lengths, 1024, shape)
+        assert sorted(row for group in groups for row in group) == list(range(len(lengths)))
+        for group in groups:
+            rows, width = shape(len(group), max(lengths[r] for r in group))
+            assert rows * width <= 1024 or len(group) == 1
+        for group in groups[:-1]:
+            assert shape(len(group), max(lengths[r] for r in group))[0] == len(group)
+        for name, made in (("plain", grouping.token_groups(lengths, 1024)), ("shaped", groups)):
+            padded_rows[name] += sum(shape(len(g), 1)[0] - len(g) for g in made)
+    assert padded_rows["shaped"] * 3 < padded_rows["plain"]
+    # an identity shape groups exactly as no shape does
+    lengths = rng.integers(3, 200, 100).tolist()
+    assert grouping.token_groups(lengths, 512, lambda r, w: (r, w)) == grouping.token_groups(lengths, 512)
+
+
 @pytest.fixture(scope="module", params=["torch", "optimum"])
 async def core(request, tiny_models):
     async with running(backend=request.param,

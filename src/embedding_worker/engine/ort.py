@@ -118,12 +118,13 @@ class OrtModel(ModelBackend):
     def _run(self, batch: _Batch) -> np.ndarray:
         """The session on groups of similar length, each padded to its own longest row."""
         lengths = [len(ids) for ids in batch.ids]
-        groups = token_groups(lengths, GROUP_TOKENS)
+        pad = lambda rows, width: self.session.shape(rows, width, self.window)  # noqa: E731
+        groups = token_groups(lengths, GROUP_TOKENS, pad)
         out: np.ndarray | None = None
         for rows in groups:
             width = max(lengths[i] for i in rows)
             # the runtime may want a padded shape (OpenVINO: a few shapes, not every one)
-            height, padded = self.session.shape(len(rows), width, self.window)
+            height, padded = pad(len(rows), width)
             ids = np.full((height, padded), self.pad_id, dtype=np.int64)
             mask = np.zeros((height, padded), dtype=np.int64)
             types = np.zeros((height, padded), dtype=np.int64)
