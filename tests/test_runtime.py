@@ -261,3 +261,26 @@ def test_usage_reads_the_models_own_encoding_and_counts_alike(tiny_models, onnx_
     assert [model.usage([text]) for text in texts] == fresh
     assert model.usage(texts + ["never embedded text"]) == sum(fresh) + model.usage(
         ["never embedded text"])
+
+
+async def test_a_model_openvino_cannot_compile_is_served_by_onnx_runtime(monkeypatch, tmp_path,
+                                                                          tiny_models, caplog):
+    """The export's OpenVINO form damaged (a disk error, a half-written cache): OpenVINO refuses
+    it, ONNX Runtime serves the model in fp32 from the same export, and the start-up line says
+    why; its numbers are the model's own."""
+    monkeypatch.setattr(runtime, "cpu_flags", lambda path="/proc/cpuinfo": AMX)
+    names = dict(model_names=str(tiny_models["embed"]), served_model_names="tiny",
+                 onnx_cache=str(tmp_path))
+    async with running(**names) as core:  # exports it, OpenVINO form included
+        assert card(core, "tiny")["runtime"] == "openvino"
+        expected = await core.embeddings.create({"model": "tiny", "input": ["tides", "a harbour"]})
+    (ir,) = tmp_path.rglob(runtime.OPENVINO_IR)
+    ir.write_text("<net><layers>truncated")
+    caplog.set_level(logging.INFO, logger="embedding_worker")
+    async with running(**names) as core:
+        got = card(core, "tiny")
+        assert (got["dtype"], got["runtime"], got["backend"]) == ("float32", "onnxruntime", "optimum")
+        out = await core.embeddings.create({"model": "tiny", "input": ["tides", "a harbour"]})
+    assert "openvino could not compile it" in caplog.text
+    assert min_cosine(np.array([d["embedding"] for d in out["data"]]),
+                      np.array([d["embedding"] for d in expected["data"]])) >= 0.9999
