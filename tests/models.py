@@ -24,9 +24,10 @@ def _tiny_bert_config(**extra):
 
 def make_tiny_embedder(path: Path, *, positions: int = 512, seed: int = 0, window: int = 128,
                        prompts: dict[str, str] | None = None,
-                       default_prompt_name: str | None = None, normalize: bool = True) -> Path:
-    """A BERT embedder in sentence-transformers layout (mean pooling, + normalise unless not
-    `normalize`), 128 tokens; `prompts` go into its config_sentence_transformers.json."""
+                       default_prompt_name: str | None = None, normalize: bool = True,
+                       pooling: str = "mean") -> Path:
+    """A BERT embedder in sentence-transformers layout (`pooling`, mean by default, + normalise
+    unless not `normalize`), 128 tokens; `prompts` go into its config_sentence_transformers.json."""
     import torch
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, BertModel
@@ -36,7 +37,7 @@ def make_tiny_embedder(path: Path, *, positions: int = 512, seed: int = 0, windo
     BertModel(_tiny_bert_config(max_position_embeddings=positions)).save_pretrained(raw)
     AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(raw)
     transformer = models.Transformer(str(raw), max_seq_length=window)
-    modules = [transformer, models.Pooling(HIDDEN, "mean"), *([models.Normalize()] if normalize else [])]
+    modules = [transformer, models.Pooling(HIDDEN, pooling), *([models.Normalize()] if normalize else [])]
     st = SentenceTransformer(
         modules=modules, device="cpu",
         prompts=prompts, default_prompt_name=default_prompt_name,

@@ -342,8 +342,14 @@ def test_jina_fields(server, oai):
     for r, u in zip(raw["data"], unit):
         v = np.asarray(r["embedding"])
         np.testing.assert_allclose(v / np.linalg.norm(v), u, atol=1e-5)
-    late = post(server, "/v1/embeddings", {"model": MINILM, "input": "x", "late_chunking": True})
-    assert late.status_code == 400 and "late_chunking" in late.json()["error"]["message"]
+    chunks = ["The harbour froze that winter.", "Its boats stayed in until March."]
+    late = post(server, "/v1/embeddings", {"model": MINILM, "input": chunks, "late_chunking": True})
+    plain = post(server, "/v1/embeddings", {"model": MINILM, "input": chunks}).json()
+    vectors = [np.asarray(d["embedding"]) for d in late.json()["data"]]
+    assert late.status_code == 200 and len(vectors) == 2  # each chunk read in the other's context
+    assert all(v @ np.asarray(p["embedding"]) < 0.99 for v, p in zip(vectors, plain["data"]))
+    clip = post(server, "/v1/embeddings", {"model": "tiny-clip", "input": chunks, "late_chunking": True})
+    assert clip.status_code == 400 and "late_chunking" in clip.json()["error"]["message"]
     quantised = post(server, "/v1/embeddings", {"model": "tiny-raw", "input": "x",
                                                 "normalized": False, "embedding_type": "int8"})
     assert quantised.status_code == 400 and "unit vectors" in quantised.json()["error"]["message"]

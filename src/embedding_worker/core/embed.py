@@ -8,6 +8,7 @@ normalisation and `dimensions`. Output types and encodings are the dialect's (`e
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ class EmbedJob:
     dimensions: int | None = None
     normalize: bool = True  # False: the model's own vectors, where the engine can give them
     output_dtypes: Sequence[str] = ("float",)  # what the dialect will make of the vectors
+    late_chunking: bool = False  # the inputs are one document's chunks, embedded in context
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Embeddings:
             model=request.model, inputs=request.input, prompt_name=request.prompt_name,
             input_type=request.input_type, task=request.task, truncate=request.truncate,
             dimensions=request.dimensions, normalize=request.normalized,
-            output_dtypes=(request.output_dtype,)))
+            output_dtypes=(request.output_dtype,), late_chunking=request.late_chunking))
         rows = encode_rows(quantize(done.matrix, request.output_dtype), request.encoding_format)
         return schemas.embedding_response(request.model, rows, done.tokens, done.prompt.name,
                                           done.prompt.note)
@@ -92,6 +94,8 @@ class Embeddings:
         pipeline, settings, field = self.pipeline, self.pipeline.settings, job.field
         if len(job.inputs) > settings.max_input_items:
             raise too_many(field, len(job.inputs), settings.max_input_items, "MAX_INPUT_ITEMS")
+        if job.late_chunking:
+            return await self._late(job)
         text_at = [i for i, item in enumerate(job.inputs) if isinstance(item, str)]
         image_at = [i for i, item in enumerate(job.inputs) if isinstance(item, Image)]
         model = self.models.require(job.model, "embed" if text_at else "image_embed")
@@ -147,6 +151,48 @@ class Embeddings:
                 limit=(job.max_tokens, "max_tokens") if job.max_tokens else None)
         return texts
 
+    async def _late(self, job: EmbedJob) -> Embedded:
+        """Late chunking: the inputs are one document's consecutive chunks, read together
+        (`ModelBackend.late_chunks`); truncate=NONE refuses a document past the window, any
+        other truncation reads it in consecutive windows."""
+        field = job.field
+        if any(isinstance(item, Image) for item in job.inputs):
+            raise BadRequest(f"late_chunking: {field} must be one document's text chunks; images "
+                             f"cannot be chunks of it", param="late_chunking")
+        model = self.models.require(job.model, "embed")
+        if "late_chunking" not in model.info.capabilities:
+            raise BadRequest(f"late_chunking: model {job.model!r} {_why_not_late(model)}",
+                             param="late_chunking", code="capability_not_supported")
+        if job.max_tokens is not None:
+            raise BadRequest("max_tokens does not apply with late_chunking: the document is read "
+                             "whole, in windows of the model's", param="max_tokens")
+        check_output(model, job.dimensions, job.output_dtypes, job.normalize)
+        prompt = choose_prompt(model, job.prompt_name, job.input_type, job.task)
+        chunks = [str(item) for item in job.inputs]
+        self.pipeline.check_sizes(field, chunks, list(range(len(chunks))))
+        truncation = job.truncate or ("END" if self.pipeline.settings.truncate_inputs else "NONE")
+        window = model.info.window
+        if truncation == "NONE" and window:
+            document = prompt.text + " ".join(chunks)
+            (count,) = await asyncio.to_thread(model.count_tokens, [document]) or [0]
+            if count > window:
+                why = "truncate=NONE" if job.truncate else "TRUNCATE_INPUTS=false"
+                raise BadRequest(
+                    f"late_chunking: the document ({len(chunks)} chunks joined) is {count} tokens, "
+                    f"over model {job.model!r}'s window of {window} ({why} refuses it; with "
+                    f"truncate END it is read in consecutive windows of {window})",
+                    param=field, code="context_length_exceeded")
+        async with self.pipeline.admit("embed", model, len(chunks)) as served:
+            done = await self.pipeline.compute(model, model.late_chunks(prompt.text, chunks),
+                                               served)
+            served.tokens = done.tokens
+        empty = [i for i, count in enumerate(done.counts) if not count]
+        if empty:
+            raise BadRequest(f"{field}[{empty[0]}]: the chunk has no tokens of its own (late "
+                             f"chunking averages each chunk's tokens)", param=field)
+        matrix = vectors(done.matrix, job.dimensions, job.normalize, model.info.unit_vectors)
+        return Embedded(matrix, served.tokens, prompt, 0)
+
     async def items(self, items: Sequence[EmbedItem]) -> list[list[float]]:
         """Embeddings for batch items that may name different models; order preserved."""
         out: list[Any] = [None] * len(items)
@@ -165,6 +211,15 @@ class Embeddings:
 
         await per_model(items, run)
         return out
+
+
+def _why_not_late(model: ModelBackend) -> str:
+    info = model.info
+    if info.pooling not in (None, "mean"):
+        return (f"pools by {info.pooling}; late chunking averages each chunk's tokens, which "
+                f"needs a mean-pooled model")
+    return (f"is served by {info.backend}, which gives no per-token states; the CPU engine "
+            f"(BACKEND=auto or optimum) does late chunking for mean-pooled models")
 
 
 def check_output(model: ModelBackend, dimensions: int | None, output_dtypes: Sequence[str],

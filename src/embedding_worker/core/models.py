@@ -16,6 +16,7 @@ CAPABILITY_WORDS = {
     "audio_embed": "audio embeddings",
     "rerank": "reranking",
     "classify": "classification",
+    "late_chunking": "late chunking",
 }
 
 

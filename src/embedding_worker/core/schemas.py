@@ -184,7 +184,9 @@ class EmbeddingRequest(RequestBody):
 
     normalized: bool = Field(True, validation_alias=AliasChoices("normalized", "normalize"),
                              description="false: the model's own vectors (Jina's field)")
-    late_chunking: bool = Field(False, description="Jina's; not supported (true is a 400)")
+    late_chunking: bool = Field(False, description=(
+        "Jina's: the inputs are one document's consecutive chunks; each chunk's vector is read "
+        "in the context of the whole document (mean-pooled models on the CPU engine)"))
 
     @field_validator("input_type", "task", "output_dtype", "truncate", mode="before")
     @classmethod
@@ -213,13 +215,6 @@ class EmbeddingRequest(RequestBody):
     def _dump_input(self, value: list[str | Image]) -> list[Any]:
         """Images as Jina's `{"image": ...}`, so that a dumped request parses back the same."""
         return [{"image": item.url} if isinstance(item, Image) else item for item in value]
-
-    @field_validator("late_chunking")
-    @classmethod
-    def _late_chunking(cls, value: bool) -> bool:
-        if value:
-            raise invalid("late_chunking: not supported; embed each chunk as its own input")
-        return value
 
     @field_validator("modality", mode="before")
     @classmethod

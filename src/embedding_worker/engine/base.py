@@ -15,7 +15,17 @@ from typing import Any
 from ..observability.logs import one_line
 
 # What a model can do; the core checks a request's needs against `ModelInfo.capabilities`.
-CAPABILITIES = ("embed", "image_embed", "audio_embed", "rerank", "classify")
+CAPABILITIES = ("embed", "image_embed", "audio_embed", "rerank", "classify", "late_chunking")
+
+
+@dataclass(frozen=True)
+class LateChunks:
+    """One document's chunks embedded in context (`ModelBackend.late_chunks`): a row per chunk,
+    how many of the document's tokens each pooled, and the document's tokens (special excluded)."""
+
+    matrix: Any  # np.ndarray, float32
+    counts: list[int]
+    tokens: int
 
 
 class Fault(float):
@@ -184,6 +194,12 @@ class ModelBackend(ABC):
     def decode(self, ids: list[list[int]], skip_special_tokens: bool = True) -> list[str] | None:
         """The text of each token-id sequence; None without a text tokenizer. Blocking,
         thread-safe."""
+
+    async def late_chunks(self, prefix: str, chunks: list[str]) -> LateChunks:
+        """Late chunking (`late_chunking` in `info.capabilities`): the chunks of one document,
+        joined with a space after `prefix`, read in context; each chunk's vector the mean of its
+        own tokens' states."""
+        raise NotImplementedError(f"model {self.info.name!r} does not do late chunking")
 
     @abstractmethod
     def queue(self) -> QueueStats:

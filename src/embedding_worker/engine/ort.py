@@ -26,9 +26,11 @@ import numpy as np
 from ..config import ConfigError, ModelSpec, Settings
 from ..observability.logs import one_line
 from . import model_config, precision, runtime
-from .base import Engine, Fault, Heartbeat, ModelBackend, ModelInfo, QueueStats, Rows, Tokens
+from .base import (Engine, Fault, Heartbeat, LateChunks, ModelBackend, ModelInfo, QueueStats, Rows,
+                   Tokens)
 from .fault_guard import FaultGuard
 from .grouping import GROUP_TOKENS, token_groups
+from .late_chunking import owners, windows
 from .onnx_export import OnnxPlan, onnx_files
 from .runtime import BF16, FP32, ONNXRUNTIME, Choice, open_session, runtime_version
 
@@ -82,12 +84,14 @@ class OrtModel(ModelBackend):
         self._pre, self._core, self._post = self.guard.guard_stages(self._encode, self._run,
                                                                     self._finish)
         self.special = self.tokenizer.num_special_tokens_to_add(is_pair=False)
-        capability = "rerank" if self.cross_encoder else "embed"
+        capabilities = {"rerank"} if self.cross_encoder else {"embed"}
+        if plan.pooling == "mean":  # a chunk's vector is the mean of its own tokens' states
+            capabilities.add("late_chunking")
         self.info = ModelInfo(
             name=spec.served_name, source=spec.source, backend="optimum",
             dtype=choice.precision, runtime=choice.runtime, runtime_reason=choice.reason,
             device="cpu",
-            batch_size=spec.batch_size, capabilities=frozenset({capability}),
+            batch_size=spec.batch_size, capabilities=frozenset(capabilities),
             window=self.window, dimensions=None if self.cross_encoder else self._dimensions(),
             special_tokens=self.special,
             raw_vectors=True, unit_vectors=plan.normalizes,
@@ -119,30 +123,32 @@ class OrtModel(ModelBackend):
         """The session on groups of similar length, each padded to its own longest row."""
         lengths = [len(ids) for ids in batch.ids]
         pad = lambda rows, width: self.session.shape(rows, width, self.window)  # noqa: E731
-        groups = token_groups(lengths, GROUP_TOKENS, pad)
         out: np.ndarray | None = None
-        for rows in groups:
-            width = max(lengths[i] for i in rows)
-            # the runtime may want a padded shape (OpenVINO: a few shapes, not every one)
-            height, padded = pad(len(rows), width)
-            ids = np.full((height, padded), self.pad_id, dtype=np.int64)
-            mask = np.zeros((height, padded), dtype=np.int64)
-            types = np.zeros((height, padded), dtype=np.int64)
-            for j, i in enumerate(rows):
-                n = lengths[i]
-                ids[j, :n], mask[j, :n], types[j, :n] = batch.ids[i], 1, batch.types[i]
-            feed = {"input_ids": ids, "attention_mask": mask}
-            if "token_type_ids" in self.inputs:
-                feed["token_type_ids"] = types
-            with self._lock:
-                result = self.session.run(feed)[: len(rows)]
-            mask = mask[: len(rows)]
+        for rows in token_groups(lengths, GROUP_TOKENS, pad):
+            result, mask = self._forward([batch.ids[i] for i in rows], [batch.types[i] for i in rows])
             pooled = result[:, 0] if self.cross_encoder else self._pool(result, mask)
             if out is None:
                 out = np.empty((len(lengths), *pooled.shape[1:]), dtype=np.float32)
             out[rows] = pooled
         assert out is not None
         return out
+
+    def _forward(self, ids: list[list[int]], types: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """The session's output for these rows, padded together, and their attention mask."""
+        lengths = [len(row) for row in ids]
+        # the runtime may want a padded shape (OpenVINO: a few shapes, not every one)
+        height, width = self.session.shape(len(ids), max(lengths), self.window)
+        feed_ids = np.full((height, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((height, width), dtype=np.int64)
+        feed_types = np.zeros((height, width), dtype=np.int64)
+        for j, n in enumerate(lengths):
+            feed_ids[j, :n], mask[j, :n], feed_types[j, :n] = ids[j], 1, types[j]
+        feed = {"input_ids": feed_ids, "attention_mask": mask}
+        if "token_type_ids" in self.inputs:
+            feed["token_type_ids"] = feed_types
+        with self._lock:
+            result = self.session.run(feed)[: len(ids)]
+        return result, mask[: len(ids)]
 
     def _pool(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         pooling = self.plan.pooling
@@ -197,6 +203,38 @@ class OrtModel(ModelBackend):
             encodings = self.tokenizer.encode_batch(missing, add_special_tokens=False)
             total += sum(min(len(e.ids), self.window - self.special) for e in encodings)
         return total
+
+    async def late_chunks(self, prefix: str, chunks: list[str]) -> LateChunks:
+        return await asyncio.to_thread(self.late_chunks_now, prefix, chunks)
+
+    def late_chunks_now(self, prefix: str, chunks: list[str]) -> LateChunks:
+        """Each token belongs to the chunk its text is in (`late_chunking.owners`); a document
+        past the window is read in consecutive windows (`late_chunking.windows`), so a chunk
+        sees the context of the window(s) its tokens are in."""
+        text = prefix + " ".join(chunks)
+        encoding = self._untruncated().encode(text)
+        owner = owners(text, prefix, chunks, encoding.offsets, encoding.special_tokens_mask)
+        pieces, pooled_there = windows(encoding.special_tokens_mask, self.window)
+        sums: np.ndarray | None = None
+        counts = np.zeros(len(chunks), dtype=np.int64)
+        owner = np.asarray(owner)
+        per_run = max(1, GROUP_TOKENS // self.window)  # windows per session call
+        for at in range(0, len(pieces), per_run):
+            run = pieces[at:at + per_run]
+            result, _ = self._forward([[encoding.ids[i] for i in piece] for piece in run],
+                                      [[encoding.type_ids[i] for i in piece] for piece in run])
+            if sums is None:
+                sums = np.zeros((len(chunks), result.shape[-1]), dtype=np.float64)
+            for states, piece, pooled in zip(result, run, pooled_there[at:at + per_run]):
+                rows = np.flatnonzero(pooled)
+                chunk_of = owner[np.asarray(piece)[rows]]
+                np.add.at(sums, chunk_of, states[rows])
+                np.add.at(counts, chunk_of, 1)
+        assert sums is not None
+        pooled = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+        if self.plan.normalizes:
+            pooled /= np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+        return LateChunks(pooled, counts.tolist(), len(encoding.ids) - self.special)
 
     def _untruncated(self) -> Any:
         with self._whole_lock:

@@ -52,6 +52,9 @@ class CohereEmbedRequest(RequestBody):
     output_dimension: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="tokens per input, special included")
     priority: int | None = None  # accepted; every request is served alike
+    late_chunking: bool = Field(False, description=(
+        "not Cohere's: the texts are one document's consecutive chunks, each embedded in the "
+        "context of the whole document (as Jina's late_chunking)"))
 
     @field_validator("texts", "images", mode="before")
     @classmethod
@@ -190,7 +193,7 @@ class CohereEmbed:
             model=model, inputs=inputs, field=field, input_type=kind,
             truncate=request.truncate, max_tokens=request.max_tokens,
             dimensions=request.output_dimension,
-            output_dtypes=[t for t in types if t != "base64"]))
+            output_dtypes=[t for t in types if t != "base64"], late_chunking=request.late_chunking))
         texts = [item for item in inputs if isinstance(item, str)]
         body: dict[str, Any] = {"id": str(uuid.uuid4()), "texts": texts, "meta": _meta(done, version)}
         if by_type:

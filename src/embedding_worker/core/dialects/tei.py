@@ -84,6 +84,9 @@ class TeiEmbedRequest(_Inputs):
     normalize: bool = True
     prompt_name: str | None = Field(None, min_length=1)
     dimensions: int | None = Field(None, ge=1)
+    late_chunking: bool = Field(False, description=(
+        "not TEI's: the inputs are one document's consecutive chunks, each embedded in the "
+        "context of the whole document (as Jina's late_chunking)"))
 
 
 class SimilarityInputs(Body):
@@ -203,7 +206,7 @@ class Tei:
         done = await self.embeddings.compute(EmbedJob(
             model=name, inputs=request.inputs, field="inputs", prompt_name=request.prompt_name,
             truncate=request.truncation(), dimensions=request.dimensions,
-            normalize=request.normalize))
+            normalize=request.normalize, late_chunking=request.late_chunking))
         return list(done.matrix)
 
     async def similarity(self, body: Any, model: str | None = None) -> list[float]:
