@@ -147,3 +147,33 @@ def make_tiny_clip(path: Path) -> Path:
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+def make_tiny_splade(path: Path, *, st_format: bool = True, pooling: str = "max") -> Path:
+    """A tiny BERT masked-LM as a SPLADE model: in sentence-transformers' SparseEncoder format
+    (MLMTransformer + SpladePooling, written as sentence-transformers 5 saves them), or a plain
+    `BertForMaskedLM` directory (`st_format=False`)."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    torch.manual_seed(7)
+    BertForMaskedLM(_tiny_bert_config()).save_pretrained(path)
+    AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(path)
+    if st_format:
+        (path / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "",
+             "type": "sentence_transformers.sparse_encoder.modules.mlm_transformer.MLMTransformer"},
+            {"idx": 1, "name": "1", "path": "1_SpladePooling",
+             "type": "sentence_transformers.sparse_encoder.modules.splade_pooling.SpladePooling"}]))
+        (path / "1_SpladePooling").mkdir()
+        (path / "1_SpladePooling" / "config.json").write_text(json.dumps(
+            {"pooling_strategy": pooling, "activation_function": "relu",
+             "embedding_dimension": None}))
+        (path / "sentence_bert_config.json").write_text(json.dumps(
+            {"max_seq_length": 128, "do_lower_case": False}))
+        (path / "config_sentence_transformers.json").write_text(json.dumps(
+            {"model_type": "SparseEncoder", "prompts": {"query": "", "document": ""},
+             "default_prompt_name": None, "similarity_fn_name": "dot"}))
+    return path

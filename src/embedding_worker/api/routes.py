@@ -19,6 +19,7 @@ from ..core.schemas import (
     ClassifyResponse,
     EmbeddingRequest,
     EmbeddingResponse,
+    SparseEmbeddingResponse,
     ModelList,
     RerankRequest,
     RerankResponse,
@@ -88,7 +89,7 @@ def _health(core: Core) -> Operation:
 ROUTES = (
     # OpenAI, with Jina's and Cohere's fields; /openai/v1/...: RunPod's OpenAI proxy path
     Route(("/v1/embeddings", "/openai/v1/embeddings"), _plain(lambda c: c.embeddings.create),
-          EmbeddingRequest, EmbeddingResponse),
+          EmbeddingRequest, EmbeddingResponse | SparseEmbeddingResponse),
     Route(("/v1/rerank", "/v2/rerank", "/openai/v1/rerank"), _plain(lambda c: c.rerank.create),
           RerankRequest, RerankResponse),
     Route(("/v1/models", "/openai/v1/models"), _plain(lambda c: c.models.list), None, ModelList),
@@ -116,6 +117,8 @@ ROUTES = (
           cohere.CohereEmbedByTypeResponse | cohere.CohereEmbedFloatsResponse, "cohere"),
     # text-embeddings-inference (/health is Infinity's too)
     Route(("/embed",), lambda c: c.tei.embed, tei.TeiEmbedRequest, list[list[float]], "tei", True),
+    Route(("/embed_sparse",), lambda c: c.tei.embed_sparse, tei.TeiEmbedSparseRequest,
+          list[list[tei.TeiSparseValue]], "tei", True),
     Route(("/predict",), lambda c: c.tei.predict, tei.TeiPredictRequest,
           list[tei.TeiLabel] | list[list[tei.TeiLabel]], "tei", True),
     Route(("/tokenize",), lambda c: c.tei.tokenize, tei.TeiTokenizeRequest,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.base import ModelBackend
+from ..engine.base import ModelBackend, SparseRow
 from ..observability import metrics
 from . import schemas
 from .batching import PerModel
@@ -46,6 +46,13 @@ class EmbedJob:
     normalize: bool = True  # False: the model's own vectors, where the engine can give them
     output_dtypes: Sequence[str] = ("float",)  # what the dialect will make of the vectors
     late_chunking: bool = False  # the inputs are one document's chunks, embedded in context
+
+
+@dataclass
+class SparseEmbedded:
+    rows: list[SparseRow]  # one per input
+    tokens: int
+    prompt: Prompt
 
 
 @dataclass
@@ -81,11 +88,22 @@ class Embeddings:
             raise NotImplementedModality(
                 "modality 'audio' is not supported yet; use 'text' or 'image'", param="modality"
             )
-        done = await self.compute(EmbedJob(
+        job = EmbedJob(
             model=request.model, inputs=request.input, prompt_name=request.prompt_name,
             input_type=request.input_type, task=request.task, truncate=request.truncate,
             dimensions=request.dimensions, normalize=request.normalized,
-            output_dtypes=(request.output_dtype,), late_chunking=request.late_chunking))
+            output_dtypes=(request.output_dtype,), late_chunking=request.late_chunking)
+        if request.return_sparse:
+            if request.late_chunking:
+                raise BadRequest("late_chunking and return_sparse: late chunking gives dense "
+                                 "vectors only", param="late_chunking")
+            found = await self.sparse(job)
+            model = self.models.get(request.model)
+            sparse = [sparse_entries(model, row, request.sparse_top_k, request.sparse_tokens)
+                      for row in found.rows]
+            return schemas.sparse_response(request.model, sparse, found.tokens,
+                                           found.prompt.name, found.prompt.note)
+        done = await self.compute(job)
         rows = encode_rows(quantize(done.matrix, request.output_dtype), request.encoding_format)
         return schemas.embedding_response(request.model, rows, done.tokens, done.prompt.name,
                                           done.prompt.note)
@@ -151,6 +169,27 @@ class Embeddings:
                 limit=(job.max_tokens, "max_tokens") if job.max_tokens else None)
         return texts
 
+    async def sparse(self, job: EmbedJob) -> SparseEmbedded:
+        """Sparse vectors (a SPLADE model): prompt and truncation as for dense ones."""
+        pipeline, field = self.pipeline, job.field
+        if len(job.inputs) > pipeline.settings.max_input_items:
+            raise too_many(field, len(job.inputs), pipeline.settings.max_input_items,
+                           "MAX_INPUT_ITEMS")
+        if any(isinstance(item, Image) for item in job.inputs):
+            raise BadRequest(f"{field}: sparse vectors are of texts; images have none",
+                             param=field)
+        model = self.models.require(job.model, "sparse_embed")
+        prompt = choose_prompt(model, job.prompt_name, job.input_type, job.task)
+        texts = [str(item) for item in job.inputs]
+        positions = list(range(len(texts)))
+        pipeline.check_sizes(field, texts, positions)
+        async with pipeline.admit("embed", model, len(texts)) as served:
+            texts = await self._fit(model, texts, prompt, job, positions)
+            call = pipeline.batched(model, self.batcher(model).submit(texts), texts)
+            found, served.tokens = await pipeline.compute(model, call, served)
+            pipeline.raise_faults(model, field, found)
+        return SparseEmbedded(found, served.tokens, prompt)
+
     async def _late(self, job: EmbedJob) -> Embedded:
         """Late chunking: the inputs are one document's consecutive chunks, read together
         (`ModelBackend.late_chunks`); truncate=NONE refuses a document past the window, any
@@ -211,6 +250,20 @@ class Embeddings:
 
         await per_model(items, run)
         return out
+
+
+def sparse_entries(model: ModelBackend, row: SparseRow, top_k: int | None = None,
+                   tokens: bool = False) -> dict[str, Any]:
+    """A sparse vector as `{"indices", "values"}` (ascending indices), cut to its `top_k` largest
+    values, with each index's token string if asked."""
+    indices, values = row.indices, row.values
+    if top_k is not None and top_k < len(values):
+        keep = np.sort(np.argpartition(-values, top_k - 1)[:top_k])
+        indices, values = indices[keep], values[keep]
+    entries: dict[str, Any] = {"indices": indices.tolist(), "values": values.tolist()}
+    if tokens:
+        entries["tokens"] = model.decode([[int(i)] for i in indices], skip_special_tokens=False)
+    return entries
 
 
 def _why_not_late(model: ModelBackend) -> str:

@@ -17,6 +17,7 @@ CAPABILITY_WORDS = {
     "rerank": "reranking",
     "classify": "classification",
     "late_chunking": "late chunking",
+    "sparse_embed": "sparse embeddings (return_sparse, TEI's /embed_sparse)",
 }
 
 

@@ -187,6 +187,12 @@ class EmbeddingRequest(RequestBody):
     late_chunking: bool = Field(False, description=(
         "Jina's: the inputs are one document's consecutive chunks; each chunk's vector is read "
         "in the context of the whole document (mean-pooled models on the CPU engine)"))
+    return_sparse: bool = Field(False, description=(
+        "sparse vectors (a SPLADE model): each item's `sparse_embedding` is {indices, values}"))
+    sparse_top_k: int | None = Field(None, ge=1, description=(
+        "with return_sparse: keep each vector's top_k largest entries"))
+    sparse_tokens: bool = Field(False, description=(
+        "with return_sparse: each index's token string, in `sparse_embedding.tokens`"))
 
     @field_validator("input_type", "task", "output_dtype", "truncate", mode="before")
     @classmethod
@@ -313,6 +319,35 @@ class EmbeddingData(ResponseBody):
     object: Literal["embedding"] = "embedding"
     embedding: list[float] | list[int] | str  # ints for int8/uint8/binary/ubinary
     index: int
+
+
+class SparseVector(ResponseBody):
+    indices: list[int]
+    values: list[float]
+    tokens: list[str] | None = None
+
+
+class SparseEmbeddingData(ResponseBody):
+    object: Literal["embedding"] = "embedding"
+    sparse_embedding: SparseVector
+    index: int
+
+
+class SparseEmbeddingResponse(ResponseBody):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[SparseEmbeddingData]
+    usage: Usage
+    prompt_name: str | None = None
+    warnings: list[str] | None = None
+
+
+def sparse_response(model: str, vectors: list[dict[str, Any]], tokens: int,
+                    prompt_name: str | None = None, note: str | None = None) -> dict[str, Any]:
+    body = embedding_response(model, [], tokens, prompt_name, note)
+    body["data"] = [{"object": "embedding", "sparse_embedding": vector, "index": i}
+                    for i, vector in enumerate(vectors)]
+    return body
 
 
 class EmbeddingResponse(ResponseBody):

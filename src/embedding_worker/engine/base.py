@@ -15,7 +15,16 @@ from typing import Any
 from ..observability.logs import one_line
 
 # What a model can do; the core checks a request's needs against `ModelInfo.capabilities`.
-CAPABILITIES = ("embed", "image_embed", "audio_embed", "rerank", "classify", "late_chunking")
+CAPABILITIES = ("embed", "image_embed", "audio_embed", "rerank", "classify", "late_chunking",
+                "sparse_embed")
+
+
+@dataclass(frozen=True)
+class SparseRow:
+    """A sparse vector (a SPLADE model's `embed` row): its non-zero entries, by vocabulary id."""
+
+    indices: Any  # np.ndarray of int, ascending
+    values: Any  # np.ndarray of float32, > 0
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,9 @@ class OnnxPlan:
     around the transformer."""
 
     directory: str
-    pooling: str  # "mean", "cls" or "last"; cross-encoders: "auto" (the logit is the score)
+    # "mean", "cls" or "last"; cross-encoders: "auto" (the logit is the score); SPLADE:
+    # "splade-max" or "splade-sum" (log(1 + ReLU(logits)) pooled over the text's tokens)
+    pooling: str
     window: int | None  # sentence-transformers' max_seq_length, when the model has one
     normalizes: bool = False  # its sentence-transformers modules end in Normalize
 
@@ -88,11 +90,13 @@ def prepare(source: str, cache_root: str, found_in: tuple[str, ...] = ()) -> Onn
     if cross_encoder and len(config.get("id2label") or {"0": ""}) > 1:
         raise ConfigError(f"BACKEND=optimum serves embedders and rerankers; {source} is a "
                           f"classifier: use BACKEND=torch")
-    pooling = "auto" if cross_encoder else _pooling(model_dir, source)
+    splade = _splade(model_dir, config)
+    pooling = "auto" if cross_encoder else splade or _pooling(model_dir, source)
     if onnx_files(model_dir):
         directory = model_dir
     else:
-        task = "text-classification" if cross_encoder else "feature-extraction"
+        task = ("text-classification" if cross_encoder else "fill-mask" if splade
+                else "feature-extraction")
         directory = _export(model_dir, Path(cache_root), task, config.get("model_type", ""),
                             [Path(root) for root in found_in])
     return OnnxPlan(str(directory), pooling, _st_window(model_dir),
@@ -112,6 +116,40 @@ def onnx_files(model_dir: Path) -> list[Path]:
     """The model's `.onnx` files, `model.onnx` first (then the others by name)."""
     found = sorted(model_dir.glob("**/*.onnx"))
     return sorted(found, key=lambda path: path.name != "model.onnx")
+
+
+# sentence-transformers' SPLADE modules (its SparseEncoder format): the masked-LM transformer
+# and the pooling of its logits
+SPLADE_MODULES = {"MLMTransformer", "SpladePooling", "Transformer"}
+
+
+def _splade(model_dir: Path, config: dict) -> str | None:
+    """"splade-max" or "splade-sum" for a SPLADE model: sentence-transformers' SparseEncoder
+    format (a SpladePooling module), or a plain `*ForMaskedLM` directory (SPLADE's own max
+    pooling); None for any other model."""
+    modules_file = model_dir / "modules.json"
+    if modules_file.is_file():
+        modules = json.loads(modules_file.read_text())
+        kinds = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
+        if "SpladePooling" not in kinds:
+            return None
+        extra = sorted(set(kinds) - SPLADE_MODULES)
+        if extra:
+            raise ConfigError(f"BACKEND=optimum: {model_dir} has sparse-encoder modules "
+                              f"{', '.join(extra)} that the ONNX path leaves out")
+        pooling_file = model_dir / kinds["SpladePooling"].get("path", "") / "config.json"
+        found = json.loads(pooling_file.read_text()) if pooling_file.is_file() else {}
+        strategy = found.get("pooling_strategy", "max")
+        activation = found.get("activation_function", "relu")
+        if strategy not in ("max", "sum") or activation not in ("relu", None) or found.get(
+                "embedding_dimension"):
+            raise ConfigError(f"BACKEND=optimum: {model_dir} pools its logits by {strategy} of "
+                              f"{activation}; the ONNX path does SPLADE's max or sum of "
+                              f"log(1 + ReLU) only")
+        return f"splade-{strategy}"
+    if any(a.endswith("ForMaskedLM") for a in config.get("architectures") or []):
+        return "splade-max"
+    return None
 
 
 def _pooling(model_dir: Path, source: str) -> str:

@@ -27,7 +27,7 @@ from ..config import ConfigError, ModelSpec, Settings
 from ..observability.logs import one_line
 from . import model_config, precision, runtime
 from .base import (Engine, Fault, Heartbeat, LateChunks, ModelBackend, ModelInfo, QueueStats, Rows,
-                   Tokens)
+                   SparseRow, Tokens)
 from .fault_guard import FaultGuard
 from .grouping import GROUP_TOKENS, token_groups
 from .late_chunking import owners, windows
@@ -65,6 +65,7 @@ class OrtModel(ModelBackend):
         self.session = open_session(files[0], choice)
         self.inputs = self.session.inputs
         self.cross_encoder = plan.pooling == "auto"
+        self.sparse = plan.pooling.startswith("splade")
         tokenizer_file = _tokenizer_file(Path(spec.source), directory)
         self.window = _window(spec.source, directory, plan.window)
         # The tokenizer truncates at the window: the model's input, and every request's usage.
@@ -84,7 +85,8 @@ class OrtModel(ModelBackend):
         self._pre, self._core, self._post = self.guard.guard_stages(self._encode, self._run,
                                                                     self._finish)
         self.special = self.tokenizer.num_special_tokens_to_add(is_pair=False)
-        capabilities = {"rerank"} if self.cross_encoder else {"embed"}
+        capabilities = ({"rerank"} if self.cross_encoder else {"sparse_embed"} if self.sparse
+                        else {"embed"})
         if plan.pooling == "mean":  # a chunk's vector is the mean of its own tokens' states
             capabilities.add("late_chunking")
         self.info = ModelInfo(
@@ -95,7 +97,8 @@ class OrtModel(ModelBackend):
             window=self.window, dimensions=None if self.cross_encoder else self._dimensions(),
             special_tokens=self.special,
             raw_vectors=True, unit_vectors=plan.normalizes,
-            pooling=None if self.cross_encoder else model_config.pooling(spec.source),
+            pooling=(None if self.cross_encoder else plan.pooling if self.sparse
+                     else model_config.pooling(spec.source)),
         )
 
     def because(self, reason: str) -> OrtModel:
@@ -104,7 +107,7 @@ class OrtModel(ModelBackend):
         return self
 
     def _dimensions(self) -> int:
-        return int(self.embed_now(["dimensions"])[0].shape[0])
+        return int(self._run(self._encode(["dimensions"])).shape[1])  # a SPLADE model's: its vocabulary
 
     # --- the three stages (wrapped by the fault guard) ---
 
@@ -152,6 +155,15 @@ class OrtModel(ModelBackend):
 
     def _pool(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         pooling = self.plan.pooling
+        if self.sparse:
+            # SPLADE: log(1 + ReLU(logit)) per vocabulary entry, pooled over the text's tokens;
+            # in place, as the logits of a group are its tokens x the vocabulary (a group of 1,024
+            # tokens of a BERT vocabulary: 125 MB)
+            np.maximum(tokens, 0, out=tokens)
+            np.log1p(tokens, out=tokens)
+            tokens *= mask[..., None].astype(tokens.dtype)
+            pooled = tokens.max(1) if pooling == "splade-max" else tokens.sum(1)
+            return pooled.astype(np.float32, copy=False)
         if pooling == "cls":
             pooled = tokens[:, 0]
         elif pooling == "last":
@@ -165,6 +177,12 @@ class OrtModel(ModelBackend):
         return pooled.astype(np.float32, copy=False)
 
     def _finish(self, out: np.ndarray) -> list[Any]:
+        if self.sparse:
+            rows = []
+            for row in out:
+                indices = np.flatnonzero(row)
+                rows.append(SparseRow(indices, row[indices]))
+            return rows
         return list(out)
 
     # --- the seam ---
@@ -282,6 +300,9 @@ class OrtEngine(Engine):
                 spec = specs[name]
                 choice = (runtime.for_this_cpu(spec.dtype) if self.settings.backend == "auto"
                           else Choice(ONNXRUNTIME, FP32, "BACKEND=optimum: ONNX Runtime"))
+                if plan.pooling.startswith("splade"):
+                    choice = Choice(ONNXRUNTIME, FP32, "sparse vectors in fp32: bf16 would move "
+                                                       "which entries are non-zero")
                 self.models[name] = self._open(spec, plan, choice)
             except Exception as exc:  # noqa: BLE001 - the caller decides: torch, or a failure
                 self.failed[name] = exc

@@ -89,6 +89,15 @@ class TeiEmbedRequest(_Inputs):
         "context of the whole document (as Jina's late_chunking)"))
 
 
+class TeiEmbedSparseRequest(_Inputs):
+    prompt_name: str | None = Field(None, min_length=1)
+
+
+class TeiSparseValue(ResponseBody):
+    index: int
+    value: float
+
+
 class SimilarityInputs(Body):
     source_sentence: Annotated[str, WithJsonSchema(TEXT_SCHEMA)]
     sentences: Annotated[list[str], WithJsonSchema(TEXTS_SCHEMA)]
@@ -208,6 +217,16 @@ class Tei:
             truncate=request.truncation(), dimensions=request.dimensions,
             normalize=request.normalize, late_chunking=request.late_chunking))
         return list(done.matrix)
+
+    async def embed_sparse(self, body: Any, model: str | None = None) -> list[list[dict[str, Any]]]:
+        """TEI's sparse vectors: each input's non-zero entries as `{"index", "value"}`."""
+        request = TeiEmbedSparseRequest.from_body(body)
+        name = self._model(model or request.model, "sparse_embed")
+        done = await self.embeddings.sparse(EmbedJob(
+            model=name, inputs=request.inputs, field="inputs", prompt_name=request.prompt_name,
+            truncate=request.truncation()))
+        return [[{"index": int(i), "value": float(v)} for i, v in zip(row.indices, row.values)]
+                for row in done.rows]
 
     async def similarity(self, body: Any, model: str | None = None) -> list[float]:
         """Each sentence's cosine similarity to the source sentence, in order."""
