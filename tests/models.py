@@ -153,8 +153,6 @@ def make_tiny_splade(path: Path, *, st_format: bool = True, pooling: str = "max"
     """A tiny BERT masked-LM as a SPLADE model: in sentence-transformers' SparseEncoder format
     (MLMTransformer + SpladePooling, written as sentence-transformers 5 saves them), or a plain
     `BertForMaskedLM` directory (`st_format=False`)."""
-    import json
-
     import torch
     from transformers import AutoTokenizer, BertForMaskedLM
 
@@ -162,18 +160,49 @@ def make_tiny_splade(path: Path, *, st_format: bool = True, pooling: str = "max"
     BertForMaskedLM(_tiny_bert_config()).save_pretrained(path)
     AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(path)
     if st_format:
-        (path / "modules.json").write_text(json.dumps([
-            {"idx": 0, "name": "0", "path": "",
-             "type": "sentence_transformers.sparse_encoder.modules.mlm_transformer.MLMTransformer"},
-            {"idx": 1, "name": "1", "path": "1_SpladePooling",
-             "type": "sentence_transformers.sparse_encoder.modules.splade_pooling.SpladePooling"}]))
-        (path / "1_SpladePooling").mkdir()
-        (path / "1_SpladePooling" / "config.json").write_text(json.dumps(
-            {"pooling_strategy": pooling, "activation_function": "relu",
-             "embedding_dimension": None}))
-        (path / "sentence_bert_config.json").write_text(json.dumps(
-            {"max_seq_length": 128, "do_lower_case": False}))
-        (path / "config_sentence_transformers.json").write_text(json.dumps(
-            {"model_type": "SparseEncoder", "prompts": {"query": "", "document": ""},
-             "default_prompt_name": None, "similarity_fn_name": "dot"}))
+        write_splade_modules(path, pooling, window=128)
+    return path
+
+
+def write_splade_modules(path: Path, pooling: str = "max", window: int = 128) -> None:
+    """sentence-transformers 5's SparseEncoder files beside a masked-LM (MLMTransformer +
+    SpladePooling), as it saves them."""
+    import json
+
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "",
+         "type": "sentence_transformers.sparse_encoder.modules.mlm_transformer.MLMTransformer"},
+        {"idx": 1, "name": "1", "path": "1_SpladePooling",
+         "type": "sentence_transformers.sparse_encoder.modules.splade_pooling.SpladePooling"}]))
+    (path / "1_SpladePooling").mkdir(exist_ok=True)
+    (path / "1_SpladePooling" / "config.json").write_text(json.dumps(
+        {"pooling_strategy": pooling, "activation_function": "relu", "embedding_dimension": None}))
+    (path / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": window, "do_lower_case": False}))
+    (path / "config_sentence_transformers.json").write_text(json.dumps(
+        {"model_type": "SparseEncoder", "prompts": {"query": "", "document": ""},
+         "default_prompt_name": None, "similarity_fn_name": "dot"}))
+
+
+def make_tiny_m3(path: Path) -> Path:
+    """A tiny BGE-M3: an XLM-RoBERTa encoder in sentence-transformers layout (CLS pooling,
+    Normalize: its dense vector), with BGE-M3's two heads beside it as FlagEmbedding saves them
+    (`colbert_linear.pt`: hidden -> hidden, `sparse_linear.pt`: hidden -> 1). BERT's vocabulary,
+    for want of a SentencePiece model offline; the heads do not care."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaModel
+
+    torch.manual_seed(11)
+    raw = path / "raw"
+    config = XLMRobertaConfig(vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=2,
+                              num_attention_heads=2, intermediate_size=64,
+                              max_position_embeddings=514, pad_token_id=0)
+    XLMRobertaModel(config).save_pretrained(raw)
+    AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(raw)
+    transformer = models.Transformer(str(raw), max_seq_length=128)
+    SentenceTransformer(modules=[transformer, models.Pooling(HIDDEN, "cls"), models.Normalize()],
+                        device="cpu").save(str(path))
+    torch.save(torch.nn.Linear(HIDDEN, HIDDEN).state_dict(), path / "colbert_linear.pt")
+    torch.save(torch.nn.Linear(HIDDEN, 1).state_dict(), path / "sparse_linear.pt")
     return path

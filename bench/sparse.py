@@ -1,0 +1,141 @@
+"""Sparse vectors (issue 35, point 7): this service's SPLADE throughput through the server against
+sentence-transformers 5's SparseEncoder in process at its best batch size, alternated (A, B, A, B),
+and the peak memory of one batch of 32 texts of 512 tokens in each.
+
+    .venv/bin/python bench/sparse.py [--rounds 2] [--seconds 15]
+
+The model: MiniLM-L6's encoder under a masked-LM head of BERT's vocabulary (30,522), in
+SparseEncoder's format: a small SPLADE's shape (the head is random; speed and memory do not care).
+SparseEncoder runs in a child with sentence-transformers 5 first on its path
+(tests/references.py). Loaded by this process's async client (its CPU is reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+
+from load import run_cell  # noqa: E402
+from models import write_splade_modules  # noqa: E402
+from references import SENTENCE_TRANSFORMERS_5, installed  # noqa: E402
+from run import Target, bench_models, free_port, tree_cpu_seconds  # noqa: E402
+from runtimes import cpu  # noqa: E402
+
+BATCHES = (8, 16, 32, 64)
+CONCURRENCY, PER_REQUEST = 16, 8
+CHILD = """
+import json, sys, time
+args = json.loads(open(sys.argv[1]).read())
+texts, long = args["texts"], args["long"]
+if args["who"] == "reference":
+    import torch
+    from sentence_transformers import SparseEncoder
+    model = SparseEncoder(args["model"], device="cpu")
+    encode = lambda items, batch: model.encode(items, batch_size=batch, convert_to_tensor=True)
+else:
+    from embedding_worker.config import Settings, onnx_cache_dirs
+    from embedding_worker.engine.combined import onnx_plans
+    from embedding_worker.engine.ort import OrtEngine
+    settings = Settings(model_names=args["model"], served_model_names="splade")
+    engine = OrtEngine(settings, onnx_plans(settings, "cpu", onnx_cache_dirs(settings)))
+    engine.load()
+    model = engine.models["splade"]
+    encode = lambda items, batch: [model.embed_now(items[at:at + batch])
+                                   for at in range(0, len(items), batch)]
+def hwm():  # this process's peak RSS, MB (ru_maxrss would keep the parent's across exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+before = hwm()
+encode(long, 32)
+peak = hwm()
+best = 0.0
+for batch in args["batches"]:
+    encode(texts[:batch], batch)
+    start = time.perf_counter()
+    encode(texts, batch)
+    best = max(best, len(texts) / (time.perf_counter() - start))
+print(json.dumps({"items_per_s": best, "peak_before_batch_mb": before, "peak_mb": peak}))
+"""
+
+
+def make_model(out: Path, minilm: Path) -> Path:
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    if (out / "modules.json").is_file():
+        return out
+    BertForMaskedLM.from_pretrained(minilm).save_pretrained(out)  # the head: new, random
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(out)
+    write_splade_modules(out, "max", window=512)
+    return out
+
+
+def child(who: str, model: Path, texts: list[str], long: list[str], out: Path) -> dict:
+    env = dict(os.environ)
+    if who == "reference":
+        path = installed(HERE / "results" / ".reference", SENTENCE_TRANSFORMERS_5)
+        env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")])
+    args = {"who": who, "model": str(model), "texts": texts, "long": long, "batches": BATCHES}
+    (out / "child-args.json").write_text(json.dumps(args))
+    done = subprocess.run([sys.executable, "-c", CHILD, str(out / "child-args.json")], env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--out", type=Path,
+                        default=HERE / "results" / f"sparse-{time.strftime('%Y%m%d-%H%M%S')}")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    models, corpus, _ = bench_models()
+    model = make_model(HERE / "results" / "splade-minilm", models["minilm"])
+    texts = corpus[:512]
+    long = [" ".join(corpus[i:i + 40])[:4000] for i in range(32)]  # 512 tokens each, cut
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_NAMES", "SERVED_"))}
+    env.update(PORT=str(free_port()), HOST="127.0.0.1", EMBEDDING_CACHE_MB="0",
+               MODEL_NAMES=f"{models['minilm']};{model}", SERVED_MODEL_NAMES="minilm;splade",
+               REQUEST_TIMEOUT="600", BENTOML_DO_NOT_TRACK="true")
+    server = Target("worker", [sys.executable, "-m", "embedding_worker", "serve"], env, "/readyz",
+                    "/v1", args.out / "worker.log")
+
+    def body(i: int):
+        start = (i * PER_REQUEST) % (len(corpus) - PER_REQUEST)
+        return ({"model": "splade", "input": corpus[start:start + PER_REQUEST],
+                 "return_sparse": True}, PER_REQUEST, 0)
+
+    rows = []
+    for _ in range(args.rounds):
+        for who in ("reference", "lean-in-process"):
+            rows.append({"who": who, **child(who, model, texts, long, args.out)})
+            print(json.dumps(rows[-1]), flush=True)
+        server.start()
+        try:
+            pid = server.proc.pid
+            got = asyncio.run(run_cell(server.url, "/v1/embeddings", body, CONCURRENCY,
+                                       args.seconds, server_cpu=lambda: tree_cpu_seconds(pid)))
+            rows.append({"who": "server", **got.summary(), "peak_rss_mb": server.peak_rss / 2**20})
+        finally:
+            server.stop()
+        print(json.dumps(rows[-1]), flush=True)
+    (args.out / "results.json").write_text(json.dumps({"cpu": cpu(), "rows": rows}, indent=1))
+    print("CPU:", cpu())
+    for who in ("reference", "lean-in-process", "server"):
+        rates = [r["items_per_s"] for r in rows if r["who"] == who]
+        print(f"{who}: items/s {', '.join(f'{r:.1f}' for r in rates)}")
+
+
+if __name__ == "__main__":
+    main()
