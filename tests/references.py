@@ -14,6 +14,28 @@ import sys
 from pathlib import Path
 
 SENTENCE_TRANSFORMERS_5 = "sentence-transformers==5.7.0"
+FLAG_EMBEDDING = "FlagEmbedding==1.4.2"
+# FlagEmbedding's package imports its training code, which imports these; its inference code
+# (what the tests compare with) never calls them. `without_training_imports` stands in for them
+# with empty modules rather than installing a dataset stack for nothing.
+TRAINING_ONLY = ("datasets", "peft", "accelerate", "ir_datasets")
+WITHOUT_TRAINING_IMPORTS = f"""
+import importlib.abc, importlib.machinery, types
+class _Empty(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return type(name, (), {{}})
+class _TrainingOnly(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {TRAINING_ONLY!r}:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    def create_module(self, spec):
+        return _Empty(spec.name)
+    def exec_module(self, module):
+        module.__path__ = []
+sys.meta_path.insert(0, _TrainingOnly())
+"""
 
 
 def installed(cache_dir: Path, requirement: str) -> Path:

@@ -19,7 +19,7 @@ from ..core.schemas import (
     ClassifyResponse,
     EmbeddingRequest,
     EmbeddingResponse,
-    SparseEmbeddingResponse,
+    EmbeddingOutputsResponse,
     ModelList,
     RerankRequest,
     RerankResponse,
@@ -89,7 +89,7 @@ def _health(core: Core) -> Operation:
 ROUTES = (
     # OpenAI, with Jina's and Cohere's fields; /openai/v1/...: RunPod's OpenAI proxy path
     Route(("/v1/embeddings", "/openai/v1/embeddings"), _plain(lambda c: c.embeddings.create),
-          EmbeddingRequest, EmbeddingResponse | SparseEmbeddingResponse),
+          EmbeddingRequest, EmbeddingResponse | EmbeddingOutputsResponse),
     Route(("/v1/rerank", "/v2/rerank", "/openai/v1/rerank"), _plain(lambda c: c.rerank.create),
           RerankRequest, RerankResponse),
     Route(("/v1/models", "/openai/v1/models"), _plain(lambda c: c.models.list), None, ModelList),

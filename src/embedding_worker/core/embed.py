@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.base import ModelBackend, SparseRow
+from ..engine.base import ModelBackend
 from ..observability import metrics
 from . import schemas
 from .batching import PerModel
@@ -25,6 +25,7 @@ from .errors import BadRequest, NotImplementedModality, too_many
 from .images import ImageFetcher
 from .models import Models
 from .options import Prompt, choose_prompt, cut_to
+from .outputs import Outputs, dense_of, several_outputs
 from .pipeline import Pipeline, parse, per_model
 from .schemas import EmbeddingRequest, EmbedItem, Image
 
@@ -49,13 +50,6 @@ class EmbedJob:
 
 
 @dataclass
-class SparseEmbedded:
-    rows: list[SparseRow]  # one per input
-    tokens: int
-    prompt: Prompt
-
-
-@dataclass
 class Embedded:
     matrix: np.ndarray  # float32, one row per input
     tokens: int  # text tokens the model saw
@@ -72,12 +66,13 @@ class Embeddings:
         self.batcher = PerModel(lambda model: model.embed, len)
         self.cache = cache
         self.cached = {spec.served_name for spec in pipeline.settings.models if spec.cache}
+        self.outputs = Outputs(self)  # sparse and multi-vectors, through this family's batchers
 
     def _rows(self, model: ModelBackend, texts: list[str]) -> Awaitable[list[Any]]:
         """The texts' rows: through the cache where the model's are kept, else the batcher."""
         submit = self.batcher(model).submit
         name = model.info.name
-        if self.cache is None or name not in self.cached:
+        if self.cache is None or name not in self.cached or several_outputs(model):
             return submit(texts)
         return self.cache.rows(name, texts, submit)
 
@@ -93,16 +88,8 @@ class Embeddings:
             input_type=request.input_type, task=request.task, truncate=request.truncate,
             dimensions=request.dimensions, normalize=request.normalized,
             output_dtypes=(request.output_dtype,), late_chunking=request.late_chunking)
-        if request.return_sparse:
-            if request.late_chunking:
-                raise BadRequest("late_chunking and return_sparse: late chunking gives dense "
-                                 "vectors only", param="late_chunking")
-            found = await self.sparse(job)
-            model = self.models.get(request.model)
-            sparse = [sparse_entries(model, row, request.sparse_top_k, request.sparse_tokens)
-                      for row in found.rows]
-            return schemas.sparse_response(request.model, sparse, found.tokens,
-                                           found.prompt.name, found.prompt.note)
+        if request.return_sparse or request.return_multivector:
+            return await self.outputs.create(request, job)
         done = await self.compute(job)
         rows = encode_rows(quantize(done.matrix, request.output_dtype), request.encoding_format)
         return schemas.embedding_response(request.model, rows, done.tokens, done.prompt.name,
@@ -139,17 +126,17 @@ class Embeddings:
                 for i, row in zip(image_at, found):
                     rows[i] = row
             if text_at:
-                texts = await self._fit(model, texts, prompt, job, text_at)  # type: ignore[arg-type]
+                texts = await self.fit(model, texts, prompt, job, text_at)  # type: ignore[arg-type]
                 call = pipeline.batched(model, self._rows(model, texts), texts)
                 found, tokens = await pipeline.compute(model, call, served)
                 served.tokens += tokens
                 for i, row in zip(text_at, found):
-                    rows[i] = row
+                    rows[i] = dense_of(row)
             pipeline.raise_faults(model, field, rows)
         matrix = vectors(as_matrix(rows), job.dimensions, job.normalize, model.info.unit_vectors)
         return Embedded(matrix, served.tokens, prompt, len(image_at))
 
-    async def _fit(self, model: ModelBackend, texts: list[str], prompt: Prompt, job: EmbedJob,
+    async def fit(self, model: ModelBackend, texts: list[str], prompt: Prompt, job: EmbedJob,
                    positions: list[int]) -> list[str]:
         """The texts as the model gets them: truncated as asked, the prompt before each."""
         settings = self.pipeline.settings
@@ -168,27 +155,6 @@ class Embeddings:
                 model, job.field, texts, why=why, positions=positions,
                 limit=(job.max_tokens, "max_tokens") if job.max_tokens else None)
         return texts
-
-    async def sparse(self, job: EmbedJob) -> SparseEmbedded:
-        """Sparse vectors (a SPLADE model): prompt and truncation as for dense ones."""
-        pipeline, field = self.pipeline, job.field
-        if len(job.inputs) > pipeline.settings.max_input_items:
-            raise too_many(field, len(job.inputs), pipeline.settings.max_input_items,
-                           "MAX_INPUT_ITEMS")
-        if any(isinstance(item, Image) for item in job.inputs):
-            raise BadRequest(f"{field}: sparse vectors are of texts; images have none",
-                             param=field)
-        model = self.models.require(job.model, "sparse_embed")
-        prompt = choose_prompt(model, job.prompt_name, job.input_type, job.task)
-        texts = [str(item) for item in job.inputs]
-        positions = list(range(len(texts)))
-        pipeline.check_sizes(field, texts, positions)
-        async with pipeline.admit("embed", model, len(texts)) as served:
-            texts = await self._fit(model, texts, prompt, job, positions)
-            call = pipeline.batched(model, self.batcher(model).submit(texts), texts)
-            found, served.tokens = await pipeline.compute(model, call, served)
-            pipeline.raise_faults(model, field, found)
-        return SparseEmbedded(found, served.tokens, prompt)
 
     async def _late(self, job: EmbedJob) -> Embedded:
         """Late chunking: the inputs are one document's consecutive chunks, read together
@@ -244,26 +210,13 @@ class Embeddings:
                 texts.append(prompt.text + items[i].text)
             found = await self.pipeline.compute(model, self._rows(model, texts))
             self.pipeline.raise_faults(model, "items", found)
+            found = [dense_of(row) for row in found]
             matrix = vectors(as_matrix(found), None, True, model.info.unit_vectors)
             for i, vector in zip(positions, matrix):
                 out[i] = vector.tolist()
 
         await per_model(items, run)
         return out
-
-
-def sparse_entries(model: ModelBackend, row: SparseRow, top_k: int | None = None,
-                   tokens: bool = False) -> dict[str, Any]:
-    """A sparse vector as `{"indices", "values"}` (ascending indices), cut to its `top_k` largest
-    values, with each index's token string if asked."""
-    indices, values = row.indices, row.values
-    if top_k is not None and top_k < len(values):
-        keep = np.sort(np.argpartition(-values, top_k - 1)[:top_k])
-        indices, values = indices[keep], values[keep]
-    entries: dict[str, Any] = {"indices": indices.tolist(), "values": values.tolist()}
-    if tokens:
-        entries["tokens"] = model.decode([[int(i)] for i in indices], skip_special_tokens=False)
-    return entries
 
 
 def _why_not_late(model: ModelBackend) -> str:

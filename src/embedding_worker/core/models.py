@@ -18,6 +18,7 @@ CAPABILITY_WORDS = {
     "classify": "classification",
     "late_chunking": "late chunking",
     "sparse_embed": "sparse embeddings (return_sparse, TEI's /embed_sparse)",
+    "multi_embed": "multi-vectors (return_multivector)",
 }
 
 

@@ -193,6 +193,12 @@ class EmbeddingRequest(RequestBody):
         "with return_sparse: keep each vector's top_k largest entries"))
     sparse_tokens: bool = Field(False, description=(
         "with return_sparse: each index's token string, in `sparse_embedding.tokens`"))
+    return_multivector: bool = Field(False, description=(
+        "Jina's: each item's `embedding` is a list of vectors, one per token (a model with "
+        "multi-vectors: BGE-M3)"))
+    return_dense: bool | None = Field(None, description=(
+        "with return_multivector or return_sparse: the dense vector too (in `dense_embedding` "
+        "beside a multi-vector); default: beside sparse vectors, where the model has one"))
 
     @field_validator("input_type", "task", "output_dtype", "truncate", mode="before")
     @classmethod
@@ -327,26 +333,30 @@ class SparseVector(ResponseBody):
     tokens: list[str] | None = None
 
 
-class SparseEmbeddingData(ResponseBody):
+class EmbeddingOutputsData(ResponseBody):
     object: Literal["embedding"] = "embedding"
-    sparse_embedding: SparseVector
     index: int
+    embedding: list[float] | list[int] | list[list[float]] | str | None = Field(None, description=(
+        "the dense vector, or with return_multivector the multi-vector (a list of vectors; "
+        "base64: its float32 bytes, row-major, in `shape`)"))
+    shape: list[int] | None = Field(None, description="a base64 multi-vector's [tokens, dimensions]")
+    dense_embedding: list[float] | list[int] | str | None = None
+    sparse_embedding: SparseVector | None = None
 
 
-class SparseEmbeddingResponse(ResponseBody):
+class EmbeddingOutputsResponse(ResponseBody):
     object: Literal["list"] = "list"
     model: str
-    data: list[SparseEmbeddingData]
+    data: list[EmbeddingOutputsData]
     usage: Usage
     prompt_name: str | None = None
     warnings: list[str] | None = None
 
 
-def sparse_response(model: str, vectors: list[dict[str, Any]], tokens: int,
-                    prompt_name: str | None = None, note: str | None = None) -> dict[str, Any]:
+def outputs_response(model: str, items: list[dict[str, Any]], tokens: int,
+                     prompt_name: str | None = None, note: str | None = None) -> dict[str, Any]:
     body = embedding_response(model, [], tokens, prompt_name, note)
-    body["data"] = [{"object": "embedding", "sparse_embedding": vector, "index": i}
-                    for i, vector in enumerate(vectors)]
+    body["data"] = items
     return body
 
 

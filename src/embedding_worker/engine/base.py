@@ -16,7 +16,7 @@ from ..observability.logs import one_line
 
 # What a model can do; the core checks a request's needs against `ModelInfo.capabilities`.
 CAPABILITIES = ("embed", "image_embed", "audio_embed", "rerank", "classify", "late_chunking",
-                "sparse_embed")
+                "sparse_embed", "multi_embed")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,16 @@ class SparseRow:
 
     indices: Any  # np.ndarray of int, ascending
     values: Any  # np.ndarray of float32, > 0
+
+
+@dataclass(frozen=True)
+class MultiRow:
+    """The row of a model of several outputs (BGE-M3), all from one forward pass: its dense
+    vector, its sparse one, and its multi-vector (tokens x dimensions, unit rows)."""
+
+    dense: Any
+    sparse: SparseRow
+    multi: Any
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from ..config import ConfigError
 from . import model_config
+from .m3 import HEADS as M3_HEADS
+from .m3 import HEADS_FILE as M3_HEADS_FILE
 
 logger = logging.getLogger("embedding_worker")
 
@@ -52,6 +54,7 @@ class OnnxPlan:
     pooling: str
     window: int | None  # sentence-transformers' max_seq_length, when the model has one
     normalizes: bool = False  # its sentence-transformers modules end in Normalize
+    m3: bool = False  # BGE-M3's heads beside (`engine.m3`): sparse and multi-vectors too
 
 
 def installed(*names: str) -> bool:
@@ -91,16 +94,19 @@ def prepare(source: str, cache_root: str, found_in: tuple[str, ...] = ()) -> Onn
         raise ConfigError(f"BACKEND=optimum serves embedders and rerankers; {source} is a "
                           f"classifier: use BACKEND=torch")
     splade = _splade(model_dir, config)
+    # BGE-M3: its heads are exported beside (to numpy), so it is exported even if it ships ONNX
+    m3 = not cross_encoder and all((model_dir / head).is_file() for head in M3_HEADS)
     pooling = "auto" if cross_encoder else splade or _pooling(model_dir, source)
-    if onnx_files(model_dir):
+    if onnx_files(model_dir) and not m3:
         directory = model_dir
     else:
         task = ("text-classification" if cross_encoder else "fill-mask" if splade
-                else "feature-extraction")
+                else "feature-extraction+m3" if m3 else "feature-extraction")
         directory = _export(model_dir, Path(cache_root), task, config.get("model_type", ""),
                             [Path(root) for root in found_in])
     return OnnxPlan(str(directory), pooling, _st_window(model_dir),
-                    normalizes=not cross_encoder and model_config.normalizes(str(model_dir)))
+                    normalizes=not cross_encoder and model_config.normalizes(str(model_dir)),
+                    m3=m3)
 
 
 def _local_dir(source: str) -> Path:
@@ -238,13 +244,30 @@ def export(model_dir: str, output: str, task: str, model_type: str) -> None:
     """The export itself (torch, optimum): what the child process runs."""
     from optimum.exporters.onnx import main_export
 
+    task, _, extra = task.partition("+")
     main_export(model_dir, output=output, task=task, library_name="transformers", device="cpu",
                 do_validation=False)
+    if extra == "m3":
+        _m3_heads_beside(Path(model_dir), Path(output))
     onnx_file = Path(output) / "model.onnx"
     if model_type in FUSED_MODEL_TYPES:
         _fuse(onnx_file, model_type)
     _weights_beside(onnx_file)
     _openvino_beside(onnx_file)
+
+
+def _m3_heads_beside(model_dir: Path, output: Path) -> None:
+    """BGE-M3's heads (torch state dicts) as one numpy file, which serving reads without torch."""
+    import numpy as np
+    import torch
+
+    heads = {}
+    for head in M3_HEADS:
+        state = torch.load(model_dir / head, map_location="cpu", weights_only=True)
+        name = head.removesuffix(".pt")
+        heads[f"{name}.weight"] = state["weight"].float().numpy()
+        heads[f"{name}.bias"] = state["bias"].float().numpy()
+    np.savez(output / M3_HEADS_FILE, **heads)
 
 
 def _openvino_beside(onnx_file: Path) -> None:

@@ -28,6 +28,7 @@ from ..observability.logs import one_line
 from . import model_config, precision, runtime
 from .base import (Engine, Fault, Heartbeat, LateChunks, ModelBackend, ModelInfo, QueueStats, Rows,
                    SparseRow, Tokens)
+from .m3 import M3Heads
 from .fault_guard import FaultGuard
 from .grouping import GROUP_TOKENS, token_groups
 from .late_chunking import owners, windows
@@ -82,6 +83,8 @@ class OrtModel(ModelBackend):
         self.tokenizer.enable_truncation(self.window)
         self._whole: Tokenizer | None = None
         self.pad_id = _pad_id(directory, self.tokenizer)
+        self.m3 = (M3Heads(directory, self.tokenizer, [directory, Path(spec.source)]) if plan.m3
+                   else None)
         self._counts: dict[str, int] = {}  # short text -> its tokens, from the model's encoding
         self._lock = threading.Lock()  # the session runs one batch at a time, on all cores
         self._whole_lock = threading.Lock()
@@ -91,7 +94,7 @@ class OrtModel(ModelBackend):
                                                                     self._finish)
         self.special = self.tokenizer.num_special_tokens_to_add(is_pair=False)
         capabilities = ({"rerank"} if self.cross_encoder else {"sparse_embed"} if self.sparse
-                        else {"embed"})
+                        else {"embed", "sparse_embed", "multi_embed"} if self.m3 else {"embed"})
         if plan.pooling == "mean":  # a chunk's vector is the mean of its own tokens' states
             capabilities.add("late_chunking")
         self.info = ModelInfo(
@@ -112,7 +115,8 @@ class OrtModel(ModelBackend):
         return self
 
     def _dimensions(self) -> int:
-        return int(self._run(self._encode(["dimensions"])).shape[1])  # a SPLADE model's: its vocabulary
+        row = self._run(self._encode(["dimensions"]))[0]  # a SPLADE model's: its vocabulary
+        return int((row.dense if self.m3 else row).shape[-1])
 
     # --- the three stages (wrapped by the fault guard) ---
 
@@ -127,17 +131,25 @@ class OrtModel(ModelBackend):
                 counts[item] = len(encoding.ids) - self.special  # as `usage` counts it
         return _Batch([e.ids for e in encodings], [e.type_ids for e in encodings])
 
-    def _run(self, batch: _Batch) -> np.ndarray:
-        """The session on groups of similar length, each padded to its own longest row."""
+    def _run(self, batch: _Batch) -> Any:
+        """The session on groups of similar length, each padded to its own longest row: an array
+        of a row per text (BGE-M3: a list of `MultiRow`s)."""
         lengths = [len(ids) for ids in batch.ids]
         pad = lambda rows, width: self.session.shape(rows, width, self.window)  # noqa: E731
         out: np.ndarray | None = None
+        several: list[Any] = [None] * len(lengths)
         for rows in token_groups(lengths, self.group_tokens, pad):
             result, mask = self._forward([batch.ids[i] for i in rows], [batch.types[i] for i in rows])
             pooled = result[:, 0] if self.cross_encoder else self._pool(result, mask)
+            if self.m3 is not None:  # its heads read the token states the pooling left
+                for j, i in enumerate(rows):
+                    several[i] = self.m3.row(pooled[j], result[j, :lengths[i]], batch.ids[i])
+                continue
             if out is None:
                 out = np.empty((len(lengths), *pooled.shape[1:]), dtype=np.float32)
             out[rows] = pooled
+        if self.m3 is not None:
+            return several
         assert out is not None
         return out
 
@@ -185,7 +197,9 @@ class OrtModel(ModelBackend):
             pooled = pooled / np.clip(norms, 1e-12, None)
         return pooled.astype(np.float32, copy=False)
 
-    def _finish(self, out: np.ndarray) -> list[Any]:
+    def _finish(self, out: Any) -> list[Any]:
+        if self.m3 is not None:
+            return out
         if self.sparse:
             rows = []
             for row in out:
@@ -309,7 +323,7 @@ class OrtEngine(Engine):
                 spec = specs[name]
                 choice = (runtime.for_this_cpu(spec.dtype) if self.settings.backend == "auto"
                           else Choice(ONNXRUNTIME, FP32, "BACKEND=optimum: ONNX Runtime"))
-                if plan.pooling.startswith("splade"):
+                if plan.pooling.startswith("splade") or plan.m3:
                     choice = Choice(ONNXRUNTIME, FP32, "sparse vectors in fp32: bf16 would move "
                                                        "which entries are non-zero")
                 self.models[name] = self._open(spec, plan, choice)

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from pydantic import Field, WithJsonSchema, field_validator
 
 from ..classify import Classify
+from ..outputs import sparse_of
 from ..embed import EmbedJob, Embeddings
 from ..errors import BadRequest
 from ..models import Models
@@ -222,11 +223,12 @@ class Tei:
         """TEI's sparse vectors: each input's non-zero entries as `{"index", "value"}`."""
         request = TeiEmbedSparseRequest.from_body(body)
         name = self._model(model or request.model, "sparse_embed")
-        done = await self.embeddings.sparse(EmbedJob(
+        done = await self.embeddings.outputs.parts(EmbedJob(
             model=name, inputs=request.inputs, field="inputs", prompt_name=request.prompt_name,
-            truncate=request.truncation()))
+            truncate=request.truncation()), {"sparse"})
+        sparse = [sparse_of(row) for row in done.rows]
         return [[{"index": int(i), "value": float(v)} for i, v in zip(row.indices, row.values)]
-                for row in done.rows]
+                for row in sparse]
 
     async def similarity(self, body: Any, model: str | None = None) -> list[float]:
         """Each sentence's cosine similarity to the source sentence, in order."""

@@ -1,0 +1,132 @@
+"""Outputs beyond one dense vector per text, for models that have them: sparse vectors (SPLADE;
+BGE-M3's lexical weights) and multi-vectors (BGE-M3's ColBERT vectors: a unit vector per token
+but the first), asked for on `/v1/embeddings` (`return_sparse`; Jina's `return_multivector`,
+with `return_dense`), TEI's `/embed_sparse` and RunPod jobs.
+
+Every output a request asks for comes from one engine call per text: the engine's row of a
+model of several outputs (`MultiRow`) holds them all, computed in one forward pass, and the
+texts share the model's batches with its dense requests (the same batcher).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..engine.base import ModelBackend, MultiRow, SparseRow
+from . import schemas
+from .encoding import as_matrix, encode_rows, quantize, vectors
+from .errors import BadRequest, too_many
+from .options import Prompt, choose_prompt
+from .schemas import EmbeddingRequest, Image
+
+if TYPE_CHECKING:
+    from .embed import EmbedJob, Embeddings
+
+# what a request can ask for -> the capability a model needs for it
+CAPABILITY = {"dense": "embed", "sparse": "sparse_embed", "multi": "multi_embed"}
+
+
+@dataclass
+class Parts:
+    rows: list[Any]  # the engine's rows, one per input
+    tokens: int
+    prompt: Prompt
+
+
+def dense_of(row: Any) -> Any:
+    return row.dense if isinstance(row, MultiRow) else row
+
+
+def sparse_of(row: Any) -> SparseRow:
+    return row.sparse if isinstance(row, MultiRow) else row
+
+
+def several_outputs(model: ModelBackend) -> bool:
+    """Its rows are not one dense vector each (the embedding cache keeps only those)."""
+    return not model.info.capabilities.isdisjoint({"sparse_embed", "multi_embed"})
+
+
+class Outputs:
+    def __init__(self, embeddings: Embeddings):
+        self.embeddings = embeddings
+
+    async def parts(self, job: EmbedJob, wanted: set[str]) -> Parts:
+        """The engine's rows for `job`'s texts, from a model that has every output `wanted`;
+        prompt and truncation as for dense vectors."""
+        embeddings = self.embeddings
+        pipeline, field = embeddings.pipeline, job.field
+        if len(job.inputs) > pipeline.settings.max_input_items:
+            raise too_many(field, len(job.inputs), pipeline.settings.max_input_items,
+                           "MAX_INPUT_ITEMS")
+        if any(isinstance(item, Image) for item in job.inputs):
+            raise BadRequest(f"{field}: sparse and multi-vectors are of texts; images have none",
+                             param=field)
+        model = embeddings.models.get(job.model)
+        for part in sorted(wanted):
+            embeddings.models.require(job.model, CAPABILITY[part])
+        prompt = choose_prompt(model, job.prompt_name, job.input_type, job.task)
+        texts = [str(item) for item in job.inputs]
+        positions = list(range(len(texts)))
+        pipeline.check_sizes(field, texts, positions)
+        async with pipeline.admit("embed", model, len(texts)) as served:
+            texts = await embeddings.fit(model, texts, prompt, job, positions)
+            call = pipeline.batched(model, embeddings.batcher(model).submit(texts), texts)
+            found, served.tokens = await pipeline.compute(model, call, served)
+            pipeline.raise_faults(model, field, found)
+        return Parts(found, served.tokens, prompt)
+
+    async def create(self, request: EmbeddingRequest, job: EmbedJob) -> dict[str, Any]:
+        """`/v1/embeddings` with `return_sparse` or `return_multivector`: each item's
+        `sparse_embedding`, its multi-vector in `embedding` (Jina's shape: a list of vectors),
+        and its dense vector in `embedding`, or in `dense_embedding` beside a multi-vector."""
+        if request.late_chunking:
+            raise BadRequest("late_chunking gives dense vectors only; ask for sparse or "
+                             "multi-vectors without it", param="late_chunking")
+        model = self.embeddings.models.get(request.model)
+        multi, sparse = request.return_multivector, request.return_sparse
+        dense = request.return_dense if request.return_dense is not None else (
+            not multi and "embed" in model.info.capabilities)
+        wanted = {part for part, on in (("dense", dense), ("sparse", sparse), ("multi", multi)) if on}
+        if multi and request.output_dtype != "float":
+            raise BadRequest("output_dtype: multi-vectors are float vectors", param="output_dtype")
+        found = await self.parts(job, wanted)
+        items: list[dict[str, Any]] = [{"object": "embedding", "index": i}
+                                       for i in range(len(found.rows))]
+        if dense:
+            matrix = vectors(as_matrix([dense_of(row) for row in found.rows]), request.dimensions,
+                             request.normalized, model.info.unit_vectors)
+            rows = encode_rows(quantize(matrix, request.output_dtype), request.encoding_format)
+            for item, row in zip(items, rows):
+                item["dense_embedding" if multi else "embedding"] = row
+        if multi:
+            for item, row in zip(items, found.rows):
+                matrix = vectors(row.multi, request.dimensions, request.normalized, True)
+                if request.encoding_format == "base64":
+                    item["embedding"] = encode_rows(matrix.reshape(1, -1), "base64")[0]
+                    item["shape"] = list(matrix.shape)  # row-major float32: tokens x dimensions
+                else:
+                    item["embedding"] = matrix
+        if sparse:
+            for item, row in zip(items, found.rows):
+                item["sparse_embedding"] = sparse_entries(model, sparse_of(row),
+                                                          request.sparse_top_k,
+                                                          request.sparse_tokens)
+        return schemas.outputs_response(request.model, items, found.tokens, found.prompt.name,
+                                        found.prompt.note)
+
+
+def sparse_entries(model: ModelBackend, row: SparseRow, top_k: int | None = None,
+                   tokens: bool = False) -> dict[str, Any]:
+    """A sparse vector as `{"indices", "values"}` (ascending indices), cut to its `top_k` largest
+    values, with each index's token string if asked."""
+    indices, values = row.indices, row.values
+    if top_k is not None and top_k < len(values):
+        keep = np.sort(np.argpartition(-values, top_k - 1)[:top_k])
+        indices, values = indices[keep], values[keep]
+    entries: dict[str, Any] = {"indices": indices.tolist(), "values": values.tolist()}
+    if tokens:
+        entries["tokens"] = model.decode([[int(i)] for i in indices], skip_special_tokens=False)
+    return entries

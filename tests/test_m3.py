@@ -1,0 +1,126 @@
+"""BGE-M3 on the CPU engine: dense, sparse (lexical weights) and multi-vector (ColBERT) outputs
+from one forward pass, held to FlagEmbedding's `BGEM3FlagModel` (run beside this environment,
+tests/references.py) on a tiny generated BGE-M3 (random weights, its two heads saved as
+FlagEmbedding saves them). Sparse entries of 1e-4 or less are not compared (fp32 rounding in two
+runtimes may put a weight either side of ReLU's zero)."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+
+from conftest import MINILM, running
+from embedding_worker.api.jobs import dispatch
+from embedding_worker.config import bundled_model_path
+from embedding_worker.core.errors import BadRequest
+from models import make_tiny_m3
+from references import FLAG_EMBEDDING, WITHOUT_TRAINING_IMPORTS, run
+
+TEXTS = ["the tides of autumn", "a lantern in the harbour at night, and the boats coming home",
+         "quartz and copper"]
+REFERENCE = WITHOUT_TRAINING_IMPORTS + """
+from FlagEmbedding import BGEM3FlagModel
+model = BGEM3FlagModel(ARGS["model"], use_fp16=False, devices="cpu")
+out = model.encode(ARGS["texts"], max_length=128, return_dense=True, return_sparse=True,
+                   return_colbert_vecs=True)
+print(json.dumps({"dense": out["dense_vecs"].tolist(),
+                  "sparse": [{k: float(v) for k, v in w.items()} for w in out["lexical_weights"]],
+                  "colbert": [c.tolist() for c in out["colbert_vecs"]]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def m3(tmp_path_factory):
+    return make_tiny_m3(tmp_path_factory.mktemp("m3") / "tiny-m3")
+
+
+@pytest.fixture(scope="module")
+def reference(request, m3):
+    cache = request.config.cache.mkdir("reference-libraries")
+    return run(cache, FLAG_EMBEDDING, REFERENCE, model=str(m3), texts=TEXTS)
+
+
+@pytest.fixture(scope="module")
+async def core(m3):
+    async with running(model_names=f"{m3};{bundled_model_path()}",
+                       served_model_names=f"m3;{MINILM}") as core:
+        assert core.engine.ready, core.engine.failure
+        yield core
+
+
+def assert_sparse(entries, expected: dict):
+    got = dict(zip(entries["indices"], entries["values"]))
+    big = {int(k) for k, v in expected.items() if v > 1e-4} | {k for k, v in got.items() if v > 1e-4}
+    assert big
+    np.testing.assert_allclose([got.get(k, 0.0) for k in sorted(big)],
+                               [expected.get(str(k), 0.0) for k in sorted(big)], rtol=1e-4, atol=1e-6)
+
+
+async def test_three_outputs_as_flag_embedding_computes_them(core, reference):
+    got = await core.embeddings.create({"model": "m3", "input": TEXTS, "return_dense": True,
+                                        "return_sparse": True, "return_multivector": True})
+    for i, item in enumerate(got["data"]):
+        np.testing.assert_allclose(item["dense_embedding"], reference["dense"][i], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(item["embedding"]), reference["colbert"][i],
+                                   atol=1e-5)
+        assert_sparse(item["sparse_embedding"], reference["sparse"][i])
+    # the plain route gives the same dense vectors
+    plain = await core.embeddings.create({"model": "m3", "input": TEXTS})
+    np.testing.assert_allclose([d["embedding"] for d in plain["data"]], reference["dense"], atol=1e-5)
+    card = core.models.card("m3")
+    assert card["capabilities"] == ["embed", "multi_embed", "sparse_embed"]
+
+
+async def test_one_forward_pass_for_every_output(core):
+    model = core.models.get("m3")
+    calls, run_session = [], model.session.run
+
+    def counting(feed):
+        calls.append(feed["input_ids"].shape)
+        return run_session(feed)
+
+    model.session.run = counting
+    try:
+        await core.embeddings.create({"model": "m3", "input": TEXTS})
+        dense_only = len(calls)
+        calls.clear()
+        await core.embeddings.create({"model": "m3", "input": TEXTS, "return_dense": True,
+                                      "return_sparse": True, "return_multivector": True})
+        assert len(calls) == dense_only and sum(shape[0] for shape in calls) >= len(TEXTS)
+    finally:
+        model.session.run = run_session
+
+
+async def test_shapes_of_the_answer(core, reference):
+    sparse = await core.embeddings.create({"model": "m3", "input": TEXTS[:1], "return_sparse": True,
+                                           "sparse_top_k": 2, "sparse_tokens": True})
+    item = sparse["data"][0]
+    assert len(item["embedding"]) == 32  # the dense vector beside the sparse one, by default
+    assert len(item["sparse_embedding"]["indices"]) == 2 == len(item["sparse_embedding"]["tokens"])
+    packed = await core.embeddings.create({"model": "m3", "input": TEXTS[:1],
+                                           "return_multivector": True, "encoding_format": "base64"})
+    item = packed["data"][0]
+    rows, dimensions = item["shape"]
+    matrix = np.frombuffer(base64.b64decode(item["embedding"]), "<f4").reshape(rows, dimensions)
+    np.testing.assert_allclose(matrix, reference["colbert"][0], atol=1e-5)
+    assert "dense_embedding" not in item  # not asked for
+    tei = await core.tei.embed_sparse({"inputs": TEXTS}, model="m3")
+    for row, expected in zip(tei, reference["sparse"]):
+        assert_sparse({"indices": [e["index"] for e in row], "values": [e["value"] for e in row]},
+                      expected)
+    job = await dispatch(core, {"model": "m3", "input": TEXTS, "return_multivector": True})
+    for item, expected in zip(job["data"], reference["colbert"]):
+        np.testing.assert_allclose(np.asarray(item["embedding"]), expected, atol=1e-5)
+
+
+async def test_what_a_model_cannot_give(core):
+    with pytest.raises(BadRequest, match="does not support multi-vectors"):
+        await core.embeddings.create({"model": MINILM, "input": "x", "return_multivector": True})
+    with pytest.raises(BadRequest, match="multi-vectors are float"):
+        await core.embeddings.create({"model": "m3", "input": "x", "return_multivector": True,
+                                      "output_dtype": "int8"})
+    with pytest.raises(BadRequest, match="late_chunking gives dense vectors only"):
+        await core.embeddings.create({"model": "m3", "input": ["a", "b"], "late_chunking": True,
+                                      "return_sparse": True})
