@@ -70,7 +70,7 @@ async def test_three_outputs_as_flag_embedding_computes_them(core, reference):
     plain = await core.embeddings.create({"model": "m3", "input": TEXTS})
     np.testing.assert_allclose([d["embedding"] for d in plain["data"]], reference["dense"], atol=1e-5)
     card = core.models.card("m3")
-    assert card["capabilities"] == ["embed", "multi_embed", "sparse_embed"]
+    assert card["capabilities"] == ["embed", "multi_embed", "rerank", "sparse_embed"]
 
 
 async def test_one_forward_pass_for_every_output(core):
@@ -124,3 +124,25 @@ async def test_what_a_model_cannot_give(core):
     with pytest.raises(BadRequest, match="late_chunking gives dense vectors only"):
         await core.embeddings.create({"model": "m3", "input": ["a", "b"], "late_chunking": True,
                                       "return_sparse": True})
+
+
+async def test_it_reranks_by_maxsim(core, reference):
+    """Scores as FlagEmbedding's `colbert_score` of the reference's vectors (mean over the
+    query's vectors of their best match); raw scores their sum; every rerank dialect."""
+    query, documents = TEXTS[0], TEXTS[1:] + ["autumn tides"]
+    vectors = await core.embeddings.create({"model": "m3", "input": [query, *documents],
+                                            "return_multivector": True})
+    q, *docs = [np.asarray(d["embedding"]) for d in vectors["data"]]
+    np.testing.assert_allclose(q, reference["colbert"][0], atol=1e-5)
+    expected = [(q @ d.T).max(1).mean() for d in docs]
+    got = await core.rerank.create({"model": "m3", "query": query, "documents": documents})
+    scores = {r["index"]: r["relevance_score"] for r in got["results"]}
+    np.testing.assert_allclose([scores[i] for i in range(len(documents))], expected, atol=1e-5)
+    assert [r["index"] for r in got["results"]] == list(np.argsort(expected)[::-1])
+    raw = await core.rerank.create({"model": "m3", "query": query, "documents": documents,
+                                    "raw_scores": True})
+    np.testing.assert_allclose(sorted(r["relevance_score"] for r in raw["results"]),
+                               sorted(np.array(expected) * len(q)), atol=1e-4)
+    tei = await core.tei.rerank({"query": query, "texts": documents, "raw_scores": False},
+                                model="m3")
+    np.testing.assert_allclose(sorted(r["score"] for r in tei), sorted(expected), atol=1e-5)

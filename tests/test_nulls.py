@@ -26,7 +26,7 @@ from embedding_worker.api.routes import ROUTES
 from embedding_worker.config import bundled_model_path
 from embedding_worker.core.schemas import EmbedItem, RerankItem
 from imagehost import image_bytes
-from models import make_tiny_classifier
+from models import make_tiny_classifier, make_tiny_splade
 
 IMAGE = "data:image/png;base64," + base64.b64encode(image_bytes("PNG", "red")).decode()
 TEXTS = ["The cat sat on the mat.", "Tides follow the moon."]
@@ -45,6 +45,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "/v2/embed": {"model": MINILM, "texts": TEXTS, "input_type": "search_query"},
     "/v1/embed": {"texts": TEXTS},
     "/embed": {"inputs": TEXTS},
+    "/embed_sparse": {"inputs": TEXTS, "model": "tiny-splade"},
     "/predict": {"inputs": TEXTS, "model": "tiny-classify"},
     "/tokenize": {"inputs": TEXTS},
     "/decode": {"ids": [[101, 7592, 102]]},
@@ -62,10 +63,15 @@ def classifier(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-async def http(tiny_models, classifier):
-    sources = [bundled_model_path(), tiny_models["rerank"], classifier, tiny_models["clip"]]
+def splade(tmp_path_factory):
+    return make_tiny_splade(tmp_path_factory.mktemp("nulls") / "tiny-splade")
+
+
+@pytest.fixture(scope="module")
+async def http(tiny_models, classifier, splade):
+    sources = [bundled_model_path(), tiny_models["rerank"], classifier, tiny_models["clip"], splade]
     async with running(model_names=";".join(map(str, sources)),
-                       served_model_names=f"{MINILM};tiny-rerank;tiny-classify;tiny-clip",
+                       served_model_names=f"{MINILM};tiny-rerank;tiny-classify;tiny-clip;tiny-splade",
                        batch_sizes="8") as core:
         transport = httpx.ASGITransport(app=create_app(core))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

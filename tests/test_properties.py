@@ -103,7 +103,8 @@ modalities = st.none() | st.sampled_from(MODALITIES).flatmap(
 
 EMBED_FIELDS = {"model", "input", "modality", "encoding_format", "dimensions", "user", "prompt_name",
                 "input_type", "task", "output_dtype", "embedding_type", "truncate", "normalized",
-                "normalize", "late_chunking"}
+                "normalize", "late_chunking", "return_sparse", "sparse_top_k", "sparse_tokens",
+                "return_multivector", "return_dense"}
 RERANK_FIELDS = {"model", "query", "documents", "docs", "top_n", "return_documents", "return_docs", "raw_scores"}
 CANONICAL = {"docs": "documents", "return_docs": "return_documents"}
 extras = st.dictionaries(

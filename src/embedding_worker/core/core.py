@@ -55,7 +55,7 @@ class Core:
         cache_bytes = int(settings.embedding_cache_mb * 2**20)
         self.cache = EmbeddingCache(cache_bytes) if cache_bytes else None
         self.embeddings = Embeddings(self.pipeline, self.models, self.images, self.cache)
-        self.rerank = Rerank(self.pipeline, self.models)
+        self.rerank = Rerank(self.pipeline, self.models, self.embeddings.outputs)
         self.classify = Classify(self.pipeline, self.models)
         self.tokenize = Tokenize(self.pipeline, self.models)
         # the dialects beside OpenAI's, over the same families

@@ -1,7 +1,13 @@
-"""The rerank family: `POST /v1/rerank` (and its aliases) and the batchable `/batch/rerank`."""
+"""The rerank family: `POST /v1/rerank` (and its aliases) and the batchable `/batch/rerank`.
+
+A cross-encoder scores each (query, document) pair; a model of multi-vectors (BGE-M3's ColBERT
+vectors) scores by MaxSim: each query vector's best match among the document's, averaged over
+the query's vectors (FlagEmbedding's `colbert_score`; `raw_scores`: their sum).
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +17,9 @@ import numpy as np
 from . import schemas
 from .batching import PerModel, pair_length
 from .errors import too_many
+from .embed import EmbedJob
 from .models import Models
+from .outputs import Outputs
 from .pipeline import Pipeline, parse, per_model
 from .schemas import RerankItem, RerankRequest
 
@@ -28,9 +36,10 @@ class Ranked:
 
 
 class Rerank:
-    def __init__(self, pipeline: Pipeline, models: Models):
+    def __init__(self, pipeline: Pipeline, models: Models, outputs: Outputs):
         self.pipeline = pipeline
         self.models = models
+        self.outputs = outputs
         # (query, document) pairs of every request, batched by length whatever their query
         self.batcher = PerModel(lambda model: model.score, pair_length)
 
@@ -53,6 +62,8 @@ class Rerank:
         if len(documents) > limit:
             raise too_many("documents", len(documents), limit, "MAX_RERANK_DOCUMENTS")
         model = self.models.require(name, "rerank")
+        if "multi_embed" in model.info.capabilities:
+            return await self._maxsim(name, query, documents, raw_scores, truncate)
         self.pipeline.check_sizes("query", [query])
         self.pipeline.check_sizes("documents", documents)
         refuse = not settings.truncate_inputs if truncate is None else not truncate
@@ -71,6 +82,21 @@ class Rerank:
             scores = sigmoid(scores)
         ranked = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)  # stable
         return Ranked(list(scores), ranked, served.tokens)
+
+    async def _maxsim(self, name: str, query: str, documents: list[str], raw_scores: bool,
+                      truncate: bool | None) -> Ranked:
+        """Scores of a multi-vector model: its query and documents embedded as any texts (one
+        pass each, batched with the model's other work), then MaxSim."""
+        cut = None if truncate is None else "END" if truncate else "NONE"
+        query_job = EmbedJob(model=name, inputs=[query], field="query", truncate=cut)
+        documents_job = EmbedJob(model=name, inputs=documents, field="documents", truncate=cut)
+        asked, found = await asyncio.gather(self.outputs.parts(query_job, {"multi"}),
+                                            self.outputs.parts(documents_job, {"multi"}))
+        vectors = asked.rows[0].multi
+        sums = [float((vectors @ row.multi.T).max(1).sum()) for row in found.rows]
+        scores = sums if raw_scores else [total / len(vectors) for total in sums]
+        ranked = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
+        return Ranked(scores, ranked, asked.tokens + found.tokens)
 
     async def items(self, items: Sequence[RerankItem]) -> list[float]:
         """Relevance score (sigmoid) per (query, document) batch item; items may differ in

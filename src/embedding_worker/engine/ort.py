@@ -94,7 +94,9 @@ class OrtModel(ModelBackend):
                                                                     self._finish)
         self.special = self.tokenizer.num_special_tokens_to_add(is_pair=False)
         capabilities = ({"rerank"} if self.cross_encoder else {"sparse_embed"} if self.sparse
-                        else {"embed", "sparse_embed", "multi_embed"} if self.m3 else {"embed"})
+                        # a model of multi-vectors also reranks, by MaxSim (core.rerank)
+                        else {"embed", "sparse_embed", "multi_embed", "rerank"} if self.m3
+                        else {"embed"})
         if plan.pooling == "mean":  # a chunk's vector is the mean of its own tokens' states
             capabilities.add("late_chunking")
         self.info = ModelInfo(
