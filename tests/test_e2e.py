@@ -93,7 +93,7 @@ def test_openai_client_gets_compact_vectors_through_extra_body(oai):
 def test_openai_client_models_list(oai):
     models = oai.models.list()
     assert [m.id for m in models.data] == [MINILM]
-    assert models.data[0].model_extra["capabilities"] == ["embed", "late_chunking"]
+    assert models.data[0].model_extra["capabilities"] == ["embed", "late_chunking", "token_embed"]
 
 
 def test_openai_client_typed_errors_carry_our_message(oai):

@@ -132,7 +132,7 @@ def test_models_list(client):
     cards = {m["id"]: m for m in payload["data"]}
     assert list(cards) == [MINILM, "tiny-embed", "tiny-rerank", "tiny-clip"]
     assert cards["tiny-clip"]["capabilities"] == ["embed", "image_embed"]
-    assert cards[MINILM]["capabilities"] == ["embed", "late_chunking"]  # mean-pooled, lean engine
+    assert cards[MINILM]["capabilities"] == ["embed", "late_chunking", "token_embed"]  # mean-pooled, lean engine
     assert cards["tiny-rerank"]["capabilities"] == ["rerank"]
     # BACKEND=auto on a CPU: ONNX Runtime for the text models, torch for the image model
     assert {name: card["backend"] for name, card in cards.items()} == {

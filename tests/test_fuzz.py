@@ -68,11 +68,11 @@ BUDGET_S = {
     **{f"POST {path}": 5 * _SCALE for path in (
         "/v1/classify", "/v1/tokenize", "/v2/embed", "/v1/embed", "/rerank", "/embed",
         "/predict", "/tokenize", "/decode", "/similarity", "/", "/embeddings", "/classify",
-        "/embed_sparse")},
+        "/embed_sparse", "/embed_all")},
     **{f"POST {path}": 2 * _SCALE for path in ("/embeddings_image", "/embeddings_audio")},
     **{f"POST /tei/{{model}}{path}": 2 * _SCALE for path in (
         "/embed", "/rerank", "/predict", "/tokenize", "/decode", "/similarity", "",
-        "/embed_sparse")},
+        "/embed_sparse", "/embed_all")},
     **{f"GET {path}": 2 * _SCALE for path in (
         "/info", "/health", "/models", "/tei/{model}/info", "/tei/{model}/health")},
 }

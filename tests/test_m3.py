@@ -70,7 +70,8 @@ async def test_three_outputs_as_flag_embedding_computes_them(core, reference):
     plain = await core.embeddings.create({"model": "m3", "input": TEXTS})
     np.testing.assert_allclose([d["embedding"] for d in plain["data"]], reference["dense"], atol=1e-5)
     card = core.models.card("m3")
-    assert card["capabilities"] == ["embed", "multi_embed", "rerank", "sparse_embed"]
+    assert card["capabilities"] == ["embed", "multi_embed", "rerank", "sparse_embed",
+                                    "token_embed"]
 
 
 async def test_one_forward_pass_for_every_output(core):

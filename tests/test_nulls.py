@@ -46,6 +46,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "/v1/embed": {"texts": TEXTS},
     "/embed": {"inputs": TEXTS},
     "/embed_sparse": {"inputs": TEXTS, "model": "tiny-splade"},
+    "/embed_all": {"inputs": TEXTS},
     "/predict": {"inputs": TEXTS, "model": "tiny-classify"},
     "/tokenize": {"inputs": TEXTS},
     "/decode": {"ids": [[101, 7592, 102]]},

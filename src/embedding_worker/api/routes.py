@@ -117,8 +117,10 @@ ROUTES = (
           cohere.CohereEmbedByTypeResponse | cohere.CohereEmbedFloatsResponse, "cohere"),
     # text-embeddings-inference (/health is Infinity's too)
     Route(("/embed",), lambda c: c.tei.embed, tei.TeiEmbedRequest, list[list[float]], "tei", True),
-    Route(("/embed_sparse",), lambda c: c.tei.embed_sparse, tei.TeiEmbedSparseRequest,
+    Route(("/embed_sparse",), lambda c: c.tei.embed_sparse, tei.TeiTextsRequest,
           list[list[tei.TeiSparseValue]], "tei", True),
+    Route(("/embed_all",), lambda c: c.tei.embed_all, tei.TeiTextsRequest,
+          list[list[list[float]]], "tei", True),
     Route(("/predict",), lambda c: c.tei.predict, tei.TeiPredictRequest,
           list[tei.TeiLabel] | list[list[tei.TeiLabel]], "tei", True),
     Route(("/tokenize",), lambda c: c.tei.tokenize, tei.TeiTokenizeRequest,

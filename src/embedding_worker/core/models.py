@@ -19,6 +19,7 @@ CAPABILITY_WORDS = {
     "late_chunking": "late chunking",
     "sparse_embed": "sparse embeddings (return_sparse, TEI's /embed_sparse)",
     "multi_embed": "multi-vectors (return_multivector)",
+    "token_embed": "token embeddings (TEI's /embed_all)",
 }
 
 

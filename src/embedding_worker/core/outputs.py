@@ -78,6 +78,25 @@ class Outputs:
             pipeline.raise_faults(model, field, found)
         return Parts(found, served.tokens, prompt)
 
+    async def token_states(self, job: EmbedJob) -> Parts:
+        """Each text's token states (TEI's `/embed_all`): the encoder's last hidden states, a
+        row per token, special tokens included; prompt and truncation as for dense vectors."""
+        embeddings = self.embeddings
+        pipeline, field = embeddings.pipeline, job.field
+        if len(job.inputs) > pipeline.settings.max_input_items:
+            raise too_many(field, len(job.inputs), pipeline.settings.max_input_items,
+                           "MAX_INPUT_ITEMS")
+        model = embeddings.models.require(job.model, "token_embed")
+        prompt = choose_prompt(model, job.prompt_name, job.input_type, job.task)
+        texts = [str(item) for item in job.inputs]
+        positions = list(range(len(texts)))
+        pipeline.check_sizes(field, texts, positions)
+        async with pipeline.admit("embed", model, len(texts)) as served:
+            texts = await embeddings.fit(model, texts, prompt, job, positions)
+            found = await pipeline.compute(model, model.token_states(texts), served)
+            served.tokens = sum(len(rows) for rows in found) - model.info.special_tokens * len(found)
+        return Parts(found, served.tokens, prompt)
+
     async def create(self, request: EmbeddingRequest, job: EmbedJob) -> dict[str, Any]:
         """`/v1/embeddings` with `return_sparse` or `return_multivector`: each item's
         `sparse_embedding`, its multi-vector in `embedding` (Jina's shape: a list of vectors),

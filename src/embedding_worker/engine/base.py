@@ -16,7 +16,7 @@ from ..observability.logs import one_line
 
 # What a model can do; the core checks a request's needs against `ModelInfo.capabilities`.
 CAPABILITIES = ("embed", "image_embed", "audio_embed", "rerank", "classify", "late_chunking",
-                "sparse_embed", "multi_embed")
+                "sparse_embed", "multi_embed", "token_embed")
 
 
 @dataclass(frozen=True)
@@ -219,6 +219,11 @@ class ModelBackend(ABC):
         joined with a space after `prefix`, read in context; each chunk's vector the mean of its
         own tokens' states."""
         raise NotImplementedError(f"model {self.info.name!r} does not do late chunking")
+
+    async def token_states(self, texts: list[str]) -> list[Any]:
+        """Each text's last hidden states, a row per token, special tokens included
+        (`token_embed` in `info.capabilities`: TEI's `/embed_all`)."""
+        raise NotImplementedError(f"model {self.info.name!r} gives no token states")
 
     @abstractmethod
     def queue(self) -> QueueStats:

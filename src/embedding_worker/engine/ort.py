@@ -97,6 +97,8 @@ class OrtModel(ModelBackend):
                         # a model of multi-vectors also reranks, by MaxSim (core.rerank)
                         else {"embed", "sparse_embed", "multi_embed", "rerank"} if self.m3
                         else {"embed"})
+        if "embed" in capabilities:  # its graph's output is the encoder's token states
+            capabilities.add("token_embed")
         if plan.pooling == "mean":  # a chunk's vector is the mean of its own tokens' states
             capabilities.add("late_chunking")
         self.info = ModelInfo(
@@ -246,6 +248,20 @@ class OrtModel(ModelBackend):
             encodings = self.tokenizer.encode_batch(missing, add_special_tokens=False)
             total += sum(min(len(e.ids), self.window - self.special) for e in encodings)
         return total
+
+    async def token_states(self, texts: list[str]) -> list[Any]:
+        return await asyncio.to_thread(self.token_states_now, texts)
+
+    def token_states_now(self, texts: list[str]) -> list[Any]:
+        batch = self._encode(texts)
+        lengths = [len(ids) for ids in batch.ids]
+        pad = lambda rows, width: self.session.shape(rows, width, self.window)  # noqa: E731
+        out: list[Any] = [None] * len(texts)
+        for rows in token_groups(lengths, self.group_tokens, pad):
+            result, _ = self._forward([batch.ids[i] for i in rows], [batch.types[i] for i in rows])
+            for j, i in enumerate(rows):
+                out[i] = np.array(result[j, :lengths[i]], dtype=np.float32)
+        return out
 
     async def late_chunks(self, prefix: str, chunks: list[str]) -> LateChunks:
         return await asyncio.to_thread(self.late_chunks_now, prefix, chunks)

@@ -90,7 +90,9 @@ class TeiEmbedRequest(_Inputs):
         "context of the whole document (as Jina's late_chunking)"))
 
 
-class TeiEmbedSparseRequest(_Inputs):
+class TeiTextsRequest(_Inputs):
+    """Texts, their truncation and a prompt: `/embed_sparse` and `/embed_all`."""
+
     prompt_name: str | None = Field(None, min_length=1)
 
 
@@ -219,9 +221,18 @@ class Tei:
             normalize=request.normalize, late_chunking=request.late_chunking))
         return list(done.matrix)
 
+    async def embed_all(self, body: Any, model: str | None = None) -> list[Any]:
+        """TEI's token embeddings: each input's last hidden states, a vector per token."""
+        request = TeiTextsRequest.from_body(body)
+        name = self._model(model or request.model, "token_embed")
+        done = await self.embeddings.outputs.token_states(EmbedJob(
+            model=name, inputs=request.inputs, field="inputs", prompt_name=request.prompt_name,
+            truncate=request.truncation()))
+        return done.rows
+
     async def embed_sparse(self, body: Any, model: str | None = None) -> list[list[dict[str, Any]]]:
         """TEI's sparse vectors: each input's non-zero entries as `{"index", "value"}`."""
-        request = TeiEmbedSparseRequest.from_body(body)
+        request = TeiTextsRequest.from_body(body)
         name = self._model(model or request.model, "sparse_embed")
         done = await self.embeddings.outputs.parts(EmbedJob(
             model=name, inputs=request.inputs, field="inputs", prompt_name=request.prompt_name,
