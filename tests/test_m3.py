@@ -45,7 +45,7 @@ def reference(request, m3):
 @pytest.fixture(scope="module")
 async def core(m3):
     async with running(model_names=f"{m3};{bundled_model_path()}",
-                       served_model_names=f"m3;{MINILM}") as core:
+                       served_model_names=f"m3;{MINILM}", dtypes="fp32;auto") as core:
         assert core.engine.ready, core.engine.failure
         yield core
 
@@ -147,3 +147,20 @@ async def test_it_reranks_by_maxsim(core, reference):
     tei = await core.tei.rerank({"query": query, "texts": documents, "raw_scores": False},
                                 model="m3")
     np.testing.assert_allclose(sorted(r["score"] for r in tei), sorted(expected), atol=1e-5)
+
+
+async def test_at_the_default_precision(m3, reference):
+    """DTYPES=auto: bf16 on a CPU with AMX (OpenVINO), if its dense vectors pass the guard;
+    elsewhere fp32. All three outputs stay close to FlagEmbedding's fp32 ones either way."""
+    async with running(model_names=str(m3), served_model_names="m3") as core:
+        got = await core.embeddings.create({"model": "m3", "input": TEXTS, "return_dense": True,
+                                            "return_sparse": True, "return_multivector": True})
+    for i, item in enumerate(got["data"]):
+        dense, expected = np.asarray(item["dense_embedding"]), np.asarray(reference["dense"][i])
+        assert dense @ expected > 0.9999
+        multi, colbert = np.asarray(item["embedding"]), np.asarray(reference["colbert"][i])
+        assert multi.shape == colbert.shape and (multi * colbert).sum(1).min() > 0.999
+        entries = dict(zip(item["sparse_embedding"]["indices"], item["sparse_embedding"]["values"]))
+        strong = {int(k): v for k, v in reference["sparse"][i].items() if v > 0.05}
+        assert strong and all(abs(entries.get(k, 0.0) - v) <= 0.02 * v + 1e-3
+                              for k, v in strong.items())

@@ -84,7 +84,7 @@ def searches(client, query):
 async def test_hybrid_and_maxsim_search_find_what_the_reference_finds(request, m3):
     cache = request.config.cache.mkdir("reference-libraries")
     reference = run(cache, FLAG_EMBEDDING, REFERENCE, model=str(m3), corpus=CORPUS, queries=QUERIES)
-    async with running(model_names=str(m3), served_model_names="m3") as core:
+    async with running(model_names=str(m3), served_model_names="m3", dtypes="fp32") as core:
         corpus = await service_vectors(core, CORPUS)
         queries = await service_vectors(core, QUERIES)
     ours, theirs = collection(corpus), collection(reference["corpus"])

@@ -341,7 +341,7 @@ class OrtEngine(Engine):
                 spec = specs[name]
                 choice = (runtime.for_this_cpu(spec.dtype) if self.settings.backend == "auto"
                           else Choice(ONNXRUNTIME, FP32, "BACKEND=optimum: ONNX Runtime"))
-                if plan.pooling.startswith("splade") or plan.m3:
+                if plan.pooling.startswith("splade"):
                     choice = Choice(ONNXRUNTIME, FP32, "sparse vectors in fp32: bf16 would move "
                                                        "which entries are non-zero")
                 self.models[name] = self._open(spec, plan, choice)
@@ -368,11 +368,14 @@ class OrtEngine(Engine):
 
         def run_fp32(items: list[Any]) -> list[Any]:
             reference.append(fp32(""))
-            return reference[0].embed_now(items)
+            return dense(reference[0].embed_now(items))
+
+        def dense(rows: list[Any]) -> list[Any]:  # BGE-M3: judged by its dense vectors
+            return [row.dense for row in rows] if model.m3 is not None else rows
 
         if verdict is None:
             verdict = precision.probe(directory, version, model.cross_encoder, run_fp32,
-                                      model.embed_now)
+                                      lambda items: dense(model.embed_now(items)))
         if verdict.ok:
             return model.because(f"{choice.reason}; {verdict.detail}")
         if spec.dtype == BF16:
