@@ -10,6 +10,7 @@ texts share the model's batches with its dense requests (the same batcher).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,47 +55,52 @@ class Outputs:
         self.embeddings = embeddings
 
     async def parts(self, job: EmbedJob, wanted: set[str]) -> Parts:
-        """The engine's rows for `job`'s texts, from a model that has every output `wanted`;
-        prompt and truncation as for dense vectors."""
-        embeddings = self.embeddings
-        pipeline, field = embeddings.pipeline, job.field
-        if len(job.inputs) > pipeline.settings.max_input_items:
-            raise too_many(field, len(job.inputs), pipeline.settings.max_input_items,
-                           "MAX_INPUT_ITEMS")
+        """The engine's rows for `job`'s texts, from a model that has every output `wanted`."""
         if any(isinstance(item, Image) for item in job.inputs):
-            raise BadRequest(f"{field}: sparse and multi-vectors are of texts; images have none",
-                             param=field)
-        model = embeddings.models.get(job.model)
-        for part in sorted(wanted):
-            embeddings.models.require(job.model, CAPABILITY[part])
-        prompt = choose_prompt(model, job.prompt_name, job.input_type, job.task)
-        texts = [str(item) for item in job.inputs]
-        positions = list(range(len(texts)))
-        pipeline.check_sizes(field, texts, positions)
-        async with pipeline.admit("embed", model, len(texts)) as served:
-            texts = await embeddings.fit(model, texts, prompt, job, positions)
-            call = pipeline.batched(model, embeddings.batcher(model).submit(texts), texts)
+            raise BadRequest(f"{job.field}: sparse and multi-vectors are of texts; images have "
+                             f"none", param=job.field)
+        pipeline = self.embeddings.pipeline
+
+        async def run(model: ModelBackend, texts: list[str], served: Any) -> list[Any]:
+            submit = self.embeddings.batcher(model).submit
+            call = pipeline.batched(model, submit(texts), texts)
             found, served.tokens = await pipeline.compute(model, call, served)
-            pipeline.raise_faults(model, field, found)
-        return Parts(found, served.tokens, prompt)
+            pipeline.raise_faults(model, job.field, found)
+            return found
+
+        return await self._texts(job, [CAPABILITY[part] for part in sorted(wanted)], run)
 
     async def token_states(self, job: EmbedJob) -> Parts:
         """Each text's token states (TEI's `/embed_all`): the encoder's last hidden states, a
-        row per token, special tokens included; prompt and truncation as for dense vectors."""
+        row per token, special tokens included."""
+        pipeline = self.embeddings.pipeline
+
+        async def run(model: ModelBackend, texts: list[str], served: Any) -> list[Any]:
+            found = await pipeline.compute(model, model.token_states(texts), served)
+            served.tokens = sum(map(len, found)) - model.info.special_tokens * len(found)
+            return found
+
+        return await self._texts(job, ["token_embed"], run)
+
+    async def _texts(self, job: EmbedJob, capabilities: list[str],
+                     run: Callable[[ModelBackend, list[str], Any], Awaitable[list[Any]]]) -> Parts:
+        """`run` on `job`'s texts as the model gets them (prompt and truncation as for dense
+        vectors), admitted and timed like any embedding request."""
         embeddings = self.embeddings
         pipeline, field = embeddings.pipeline, job.field
         if len(job.inputs) > pipeline.settings.max_input_items:
             raise too_many(field, len(job.inputs), pipeline.settings.max_input_items,
                            "MAX_INPUT_ITEMS")
-        model = embeddings.models.require(job.model, "token_embed")
+        model = embeddings.models.get(job.model)
+        for capability in capabilities:
+            embeddings.models.require(job.model, capability)
         prompt = choose_prompt(model, job.prompt_name, job.input_type, job.task)
         texts = [str(item) for item in job.inputs]
         positions = list(range(len(texts)))
         pipeline.check_sizes(field, texts, positions)
         async with pipeline.admit("embed", model, len(texts)) as served:
             texts = await embeddings.fit(model, texts, prompt, job, positions)
-            found = await pipeline.compute(model, model.token_states(texts), served)
-            served.tokens = sum(len(rows) for rows in found) - model.info.special_tokens * len(found)
+            found = await run(model, texts, served)
         return Parts(found, served.tokens, prompt)
 
     async def create(self, request: EmbeddingRequest, job: EmbedJob) -> dict[str, Any]:
