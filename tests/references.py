@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 SENTENCE_TRANSFORMERS_5 = "sentence-transformers==5.7.0"
@@ -39,11 +41,18 @@ sys.meta_path.insert(0, _TrainingOnly())
 
 
 def installed(cache_dir: Path, requirement: str) -> Path:
+    """`requirement`'s own files in a directory of their own (installed once: into a fresh
+    directory, renamed into place, so an interrupted install is never taken for one)."""
     target = cache_dir / requirement.replace("=", "-")
-    if not (target / ".complete").exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                        str(target), requirement], check=True)
-        (target / ".complete").write_text(requirement)
+    if not target.is_dir():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".install-", dir=cache_dir))
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                            str(staging), requirement], check=True)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
