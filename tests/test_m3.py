@@ -15,6 +15,7 @@ from conftest import MINILM, running
 from embedding_worker.api.jobs import dispatch
 from embedding_worker.config import bundled_model_path
 from embedding_worker.core.errors import BadRequest
+from embedding_worker.core.schemas import RerankItem
 from models import make_tiny_m3
 from references import FLAG_EMBEDDING, WITHOUT_TRAINING_IMPORTS, run
 
@@ -122,6 +123,12 @@ async def test_what_a_model_cannot_give(core):
     with pytest.raises(BadRequest, match="multi-vectors are float"):
         await core.embeddings.create({"model": "m3", "input": "x", "return_multivector": True,
                                       "output_dtype": "int8"})
+    with pytest.raises(BadRequest, match="dimensions: 999 is out of range"):
+        await core.embeddings.create({"model": "m3", "input": "x", "return_sparse": True,
+                                      "dimensions": 999})
+    with pytest.raises(BadRequest, match="dimensions: 999 is out of range"):
+        await core.embeddings.create({"model": "m3", "input": "x", "return_multivector": True,
+                                      "dimensions": 999})
     with pytest.raises(BadRequest, match="late_chunking gives dense vectors only"):
         await core.embeddings.create({"model": "m3", "input": ["a", "b"], "late_chunking": True,
                                       "return_sparse": True})
@@ -147,6 +154,10 @@ async def test_it_reranks_by_maxsim(core, reference):
     tei = await core.tei.rerank({"query": query, "texts": documents, "raw_scores": False},
                                 model="m3")
     np.testing.assert_allclose(sorted(r["score"] for r in tei), sorted(expected), atol=1e-5)
+    # BentoML's /batch/rerank items, each its own (query, document)
+    batch = await core.rerank.items([RerankItem(model="m3", query=query, document=d)
+                                     for d in documents])
+    np.testing.assert_allclose(batch, expected, atol=1e-5)
 
 
 async def test_at_the_default_precision(m3, reference):

@@ -94,3 +94,7 @@ async def test_what_cannot_be_sparse(core):
         await core.embeddings.create({"model": MINILM, "input": "x", "return_sparse": True})
     with pytest.raises(BadRequest, match="does not support text embeddings; it supports: sparse"):
         await core.embeddings.create({"model": "splade", "input": "x"})
+    for extra in ({"dimensions": 8}, {"output_dtype": "int8"}):
+        with pytest.raises(BadRequest, match="applies to dense vectors and multi-vectors"):
+            await core.embeddings.create({"model": "splade", "input": "x", "return_sparse": True,
+                                          **extra})

@@ -25,7 +25,7 @@ from .errors import BadRequest, NotImplementedModality, too_many
 from .images import ImageFetcher
 from .models import Models
 from .options import Prompt, choose_prompt, cut_to
-from .outputs import Outputs, dense_of, several_outputs
+from .outputs import Outputs, check_output, dense_of, several_outputs
 from .pipeline import Pipeline, parse, per_model
 from .schemas import EmbeddingRequest, EmbedItem, Image
 
@@ -179,7 +179,7 @@ class Embeddings:
         window = model.info.window
         if truncation == "NONE" and window:
             document = prompt.text + " ".join(chunks)
-            (count,) = await asyncio.to_thread(model.count_tokens, [document]) or [0]
+            (count,) = await asyncio.to_thread(model.count_tokens, [document])
             if count > window:
                 why = "truncate=NONE" if job.truncate else "TRUNCATE_INPUTS=false"
                 raise BadRequest(
@@ -226,29 +226,3 @@ def _why_not_late(model: ModelBackend) -> str:
                 f"needs a mean-pooled model")
     return (f"is served by {info.backend}, which gives no per-token states; the CPU engine "
             f"(BACKEND=auto or optimum) does late chunking for mean-pooled models")
-
-
-def check_output(model: ModelBackend, dimensions: int | None, output_dtypes: Sequence[str],
-                 normalize: bool = True) -> None:
-    """`dimensions` within the model's size, a multiple of 8 for a binary output; raw vectors
-    only from an engine that has them, and not as int8 (its scale is for unit vectors)."""
-    full = model.info.dimensions
-    if dimensions is not None and full is not None and dimensions > full:
-        raise BadRequest(
-            f"dimensions: {dimensions} is out of range; model {model.info.name!r} produces {full} "
-            f"dimensions, so use 1..{full}",
-            param="dimensions",
-        )
-    size = dimensions or full
-    for output_dtype in output_dtypes:
-        if output_dtype in ("binary", "ubinary") and size is not None and size % 8:
-            raise BadRequest(
-                f"output_dtype: {output_dtype} packs 8 dimensions per byte, and {size} is not a "
-                f"multiple of 8; ask for dimensions that are", param="output_dtype",
-            )
-        if not normalize and output_dtype in ("int8", "uint8"):
-            raise BadRequest(f"output_dtype: {output_dtype} is scaled for unit vectors; ask for "
-                             f"normalized vectors or float/binary", param="output_dtype")
-    if not normalize and not model.info.raw_vectors:
-        raise BadRequest(f"normalized: model {model.info.name!r} gives unit vectors only (its "
-                         f"engine normalises them)", param="normalized")

@@ -5,12 +5,13 @@ with `return_dense`), TEI's `/embed_sparse` and RunPod jobs.
 
 Every output a request asks for comes from one engine call per text: the engine's row of a
 model of several outputs (`MultiRow`) holds them all, computed in one forward pass, and the
-texts share the model's batches with its dense requests (the same batcher).
+texts share the model's batches with its dense requests (the same batcher). `check_output`, what
+a request may ask of a model's dense vectors, is here for both families.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +118,12 @@ class Outputs:
         wanted = {part for part, on in (("dense", dense), ("sparse", sparse), ("multi", multi)) if on}
         if multi and request.output_dtype != "float":
             raise BadRequest("output_dtype: multi-vectors are float vectors", param="output_dtype")
+        if dense or multi:
+            check_output(model, request.dimensions, (request.output_dtype,), request.normalized)
+        elif request.dimensions is not None or request.output_dtype != "float":
+            field = "dimensions" if request.dimensions is not None else "output_dtype"
+            raise BadRequest(f"{field}: applies to dense vectors and multi-vectors; a sparse "
+                             f"vector's entries are the model's vocabulary", param=field)
         found = await self.parts(job, wanted)
         items: list[dict[str, Any]] = [{"object": "embedding", "index": i}
                                        for i in range(len(found.rows))]
@@ -155,3 +162,29 @@ def sparse_entries(model: ModelBackend, row: SparseRow, top_k: int | None = None
     if tokens:
         entries["tokens"] = model.decode([[int(i)] for i in indices], skip_special_tokens=False)
     return entries
+
+
+def check_output(model: ModelBackend, dimensions: int | None, output_dtypes: Sequence[str],
+                 normalize: bool = True) -> None:
+    """`dimensions` within the model's size, a multiple of 8 for a binary output; raw vectors
+    only from an engine that has them, and not as int8 (its scale is for unit vectors)."""
+    full = model.info.dimensions
+    if dimensions is not None and full is not None and dimensions > full:
+        raise BadRequest(
+            f"dimensions: {dimensions} is out of range; model {model.info.name!r} produces {full} "
+            f"dimensions, so use 1..{full}",
+            param="dimensions",
+        )
+    size = dimensions or full
+    for output_dtype in output_dtypes:
+        if output_dtype in ("binary", "ubinary") and size is not None and size % 8:
+            raise BadRequest(
+                f"output_dtype: {output_dtype} packs 8 dimensions per byte, and {size} is not a "
+                f"multiple of 8; ask for dimensions that are", param="output_dtype",
+            )
+        if not normalize and output_dtype in ("int8", "uint8"):
+            raise BadRequest(f"output_dtype: {output_dtype} is scaled for unit vectors; ask for "
+                             f"normalized vectors or float/binary", param="output_dtype")
+    if not normalize and not model.info.raw_vectors:
+        raise BadRequest(f"normalized: model {model.info.name!r} gives unit vectors only (its "
+                         f"engine normalises them)", param="normalized")

@@ -7,7 +7,6 @@ the query's vectors (FlagEmbedding's `colbert_score`; `raw_scores`: their sum).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,8 +89,9 @@ class Rerank:
         cut = None if truncate is None else "END" if truncate else "NONE"
         query_job = EmbedJob(model=name, inputs=[query], field="query", truncate=cut)
         documents_job = EmbedJob(model=name, inputs=documents, field="documents", truncate=cut)
-        asked, found = await asyncio.gather(self.outputs.parts(query_job, {"multi"}),
-                                            self.outputs.parts(documents_job, {"multi"}))
+        # one after the other: a request holds one admission at a time (MAX_CONCURRENT_REQUESTS)
+        asked = await self.outputs.parts(query_job, {"multi"})
+        found = await self.outputs.parts(documents_job, {"multi"})
         vectors = asked.rows[0].multi
         sums = [float((vectors @ row.multi.T).max(1).sum()) for row in found.rows]
         scores = sums if raw_scores else [total / len(vectors) for total in sums]
@@ -105,6 +105,12 @@ class Rerank:
 
         async def run(name: str, positions: list[int]) -> None:
             model = self.models.require(name, "rerank")
+            if "multi_embed" in model.info.capabilities:  # MaxSim, item by item
+                for i in positions:
+                    done = await self._maxsim(name, items[i].query, [items[i].document], False,
+                                              None)
+                    out[i] = done.scores[0]
+                return
             pairs = [(items[i].query, items[i].document) for i in positions]
             scores = await self.pipeline.compute(model, self.batcher(model).submit(pairs))
             self.pipeline.raise_faults(model, "items", scores)

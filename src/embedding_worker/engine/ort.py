@@ -28,10 +28,10 @@ from ..observability.logs import one_line
 from . import model_config, precision, runtime
 from .base import (Engine, Fault, Heartbeat, LateChunks, ModelBackend, ModelInfo, QueueStats, Rows,
                    SparseRow, Tokens)
-from .m3 import M3Heads
 from .fault_guard import FaultGuard
 from .grouping import GROUP_TOKENS, token_groups
 from .late_chunking import owners, windows
+from .m3 import M3Heads
 from .onnx_export import OnnxPlan, onnx_files
 from .runtime import BF16, FP32, ONNXRUNTIME, Choice, open_session, runtime_version
 
@@ -139,11 +139,9 @@ class OrtModel(ModelBackend):
         """The session on groups of similar length, each padded to its own longest row: an array
         of a row per text (BGE-M3: a list of `MultiRow`s)."""
         lengths = [len(ids) for ids in batch.ids]
-        pad = lambda rows, width: self.session.shape(rows, width, self.window)  # noqa: E731
         out: np.ndarray | None = None
         several: list[Any] = [None] * len(lengths)
-        for rows in token_groups(lengths, self.group_tokens, pad):
-            result, mask = self._forward([batch.ids[i] for i in rows], [batch.types[i] for i in rows])
+        for rows, result, mask in self._groups(batch):
             pooled = result[:, 0] if self.cross_encoder else self._pool(result, mask)
             if self.m3 is not None:  # its heads read the token states the pooling left
                 for j, i in enumerate(rows):
@@ -156,6 +154,14 @@ class OrtModel(ModelBackend):
             return several
         assert out is not None
         return out
+
+    def _groups(self, batch: _Batch) -> Any:
+        """(rows, the session's output, their mask) per group of similar length."""
+        lengths = [len(ids) for ids in batch.ids]
+        pad = lambda rows, width: self.session.shape(rows, width, self.window)  # noqa: E731
+        for rows in token_groups(lengths, self.group_tokens, pad):
+            yield (rows, *self._forward([batch.ids[i] for i in rows],
+                                        [batch.types[i] for i in rows]))
 
     def _forward(self, ids: list[list[int]], types: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """The session's output for these rows, padded together, and their attention mask."""
@@ -254,13 +260,10 @@ class OrtModel(ModelBackend):
 
     def token_states_now(self, texts: list[str]) -> list[Any]:
         batch = self._encode(texts)
-        lengths = [len(ids) for ids in batch.ids]
-        pad = lambda rows, width: self.session.shape(rows, width, self.window)  # noqa: E731
         out: list[Any] = [None] * len(texts)
-        for rows in token_groups(lengths, self.group_tokens, pad):
-            result, _ = self._forward([batch.ids[i] for i in rows], [batch.types[i] for i in rows])
+        for rows, result, _ in self._groups(batch):
             for j, i in enumerate(rows):
-                out[i] = np.array(result[j, :lengths[i]], dtype=np.float32)
+                out[i] = np.array(result[j, :len(batch.ids[i])], dtype=np.float32)
         return out
 
     async def late_chunks(self, prefix: str, chunks: list[str]) -> LateChunks:
@@ -277,7 +280,7 @@ class OrtModel(ModelBackend):
         sums: np.ndarray | None = None
         counts = np.zeros(len(chunks), dtype=np.int64)
         owner = np.asarray(owner)
-        per_run = max(1, GROUP_TOKENS // self.window)  # windows per session call
+        per_run = max(1, self.group_tokens // self.window)  # windows per session call
         for at in range(0, len(pieces), per_run):
             run = pieces[at:at + per_run]
             result, _ = self._forward([[encoding.ids[i] for i in piece] for piece in run],

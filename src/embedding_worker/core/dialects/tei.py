@@ -19,10 +19,10 @@ from pydantic import BaseModel
 from pydantic import Field, WithJsonSchema, field_validator
 
 from ..classify import Classify
-from ..outputs import sparse_of
 from ..embed import EmbedJob, Embeddings
 from ..errors import BadRequest
 from ..models import Models
+from ..outputs import sparse_of
 from ..pipeline import parse
 from ..rerank import Rerank
 from ..schemas import (
