@@ -37,6 +37,8 @@ EMBEDDING_CASES = [
     ({"model": MINILM, "input": "a", "modality": "audio"}, 501, "modality 'audio' is not supported yet"),
     ({"model": MINILM, "input": "https://x/y.png", "modality": "image"}, 400, f"model '{MINILM}' does not support image embeddings; it supports: text embeddings"),
     ({"model": 5, "input": "a"}, 400, "model: Input should be a valid string"),
+    # Jina's name for output_dtype: the message names what the client sent
+    ({"model": MINILM, "input": "a", "embedding_type": 0}, 400, "embedding_type: 0 is not supported; expected one of float, int8, uint8, binary, ubinary, base64"),
 ]
 
 
@@ -53,7 +55,7 @@ RERANK_CASES = [
     ({"model": "tiny-rerank", "query": "q"}, 400, "documents: field required"),
     ({"model": "tiny-rerank", "query": "q", "documents": []}, 400, "documents: must not be empty"),
     ({"model": "tiny-rerank", "query": "q", "documents": "a"}, 400, "documents: expected a list of strings, got a single string"),
-    ({"model": "tiny-rerank", "query": "q", "docs": ["a", ""]}, 400, "documents[1]: empty string"),
+    ({"model": "tiny-rerank", "query": "q", "docs": ["a", ""]}, 400, "docs[1]: empty string"),
     ({"model": "tiny-rerank", "query": "q", "documents": ["a"] * 51}, 413, "documents: 51 items, at most 50 per request (MAX_RERANK_DOCUMENTS)"),
     ({"model": "tiny-rerank", "query": "q", "documents": ["a"], "top_n": 0}, 400, "top_n: Input should be greater than or equal to 1"),
     ({"model": "tiny-rerank", "query": "q", "documents": ["a"], "return_documents": "perhaps"}, 400, "return_documents: Input should be a valid boolean"),

@@ -6,6 +6,7 @@ TEI's routes), RunPod into a failed job carrying `message`. Both transports ther
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -144,4 +145,8 @@ def from_validation_error(exc: ValidationError) -> BadRequest:
     # Our own validators already name the item (`input[3]: ...`); pydantic's messages do not.
     text = message if first["type"] == "invalid_input" or not where else f"{where}: {message}"
     param = where.split("[")[0].split(".")[0] or None
+    if first["type"] == "invalid_input" and param:
+        # Our validators name the field; the client may have sent it by another name (`docs`,
+        # `embedding_type`): the message names what the client sent.
+        text = re.sub(r"^\w+(?=[\[.:])", param, text, count=1)
     return BadRequest(text, param=param)

@@ -208,8 +208,7 @@ class EmbeddingRequest(RequestBody):
                     "output_dtype": (*OUTPUT_DTYPES, "base64")}[field]
         key = value.upper() if field == "truncate" and isinstance(value, str) else value
         if not isinstance(key, str) or key not in accepted:
-            shown = [v for v in accepted if v != "base64"]
-            raise invalid(f"{field}: {value!r} is not supported; expected one of {', '.join(shown)}")
+            raise invalid(f"{field}: {value!r} is not supported; expected one of {', '.join(accepted)}")
         return key
 
     @model_validator(mode="after")
