@@ -206,3 +206,54 @@ def make_tiny_m3(path: Path) -> Path:
     torch.save(torch.nn.Linear(HIDDEN, HIDDEN).state_dict(), path / "colbert_linear.pt")
     torch.save(torch.nn.Linear(HIDDEN, 1).state_dict(), path / "sparse_linear.pt")
     return path
+
+
+def make_tiny_hf_colbert(path: Path, *, query_maxlen: int = 12, doc_maxlen: int = 40,
+                         attend_to_mask_tokens: bool = False) -> Path:
+    """A tiny ColBERT in Stanford's `HF_ColBERT` format, as colbert-ai saves one: a BERT under
+    `bert.` and its projection `linear` (no bias) in one checkpoint, `artifact.metadata` beside."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, BertModel, BertPreTrainedModel
+
+    class HF_ColBERT(BertPreTrainedModel):  # noqa: N801 - the architecture's own name
+        def __init__(self, config):
+            super().__init__(config)
+            self.bert = BertModel(config)
+            self.linear = torch.nn.Linear(config.hidden_size, 16, bias=False)
+            self.post_init()
+
+    torch.manual_seed(5)
+    HF_ColBERT(_tiny_bert_config()).save_pretrained(path)
+    AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(path)
+    (path / "artifact.metadata").write_text(json.dumps({
+        "query_token_id": "[unused0]", "doc_token_id": "[unused1]", "query_maxlen": query_maxlen,
+        "doc_maxlen": doc_maxlen, "attend_to_mask_tokens": attend_to_mask_tokens,
+        "mask_punctuation": True, "similarity": "cosine", "dim": 16}))
+    return path
+
+
+# PyLate makes its own model (its files as it saves them), from a tiny BERT: run by
+# tests/references.py beside PyLate's pinned sentence-transformers
+MAKE_PYLATE = """
+import torch
+from pylate import models
+torch.manual_seed(ARGS["seed"])
+model = models.ColBERT(model_name_or_path=ARGS["raw"], embedding_size=16, device="cpu",
+                       query_length=ARGS["query_length"], document_length=ARGS["document_length"],
+                       attend_to_expansion_tokens=ARGS["attend"])
+model.save(ARGS["path"])
+print(json.dumps({}))
+"""
+
+
+def make_tiny_bert(path: Path, seed: int = 3) -> Path:
+    """A bare tiny BERT with MiniLM's tokenizer (what PyLate starts a ColBERT model from)."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    torch.manual_seed(seed)
+    BertModel(_tiny_bert_config()).save_pretrained(path)
+    AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(path)
+    return path

@@ -17,6 +17,9 @@ from pathlib import Path
 
 SENTENCE_TRANSFORMERS_5 = "sentence-transformers==5.7.0"
 FLAG_EMBEDDING = "FlagEmbedding==1.4.2"
+# PyLate with the sentence-transformers it pins (its index and training stacks are never imported
+# by its encoding code, but its model card is: `WITHOUT_TRAINING_IMPORTS`)
+PYLATE = "pylate==1.6.0 sentence-transformers==5.3.0"
 # FlagEmbedding's package imports its training code, which imports these; its inference code
 # (what the tests compare with) never calls them. `without_training_imports` stands in for them
 # with empty modules rather than installing a dataset stack for nothing.
@@ -41,15 +44,16 @@ sys.meta_path.insert(0, _TrainingOnly())
 
 
 def installed(cache_dir: Path, requirement: str) -> Path:
-    """`requirement`'s own files in a directory of their own (installed once: into a fresh
-    directory, renamed into place, so an interrupted install is never taken for one)."""
-    target = cache_dir / requirement.replace("=", "-")
+    """`requirement`'s own files (one or several, by spaces) in a directory of their own
+    (installed once: into a fresh directory, renamed into place, so an interrupted install is
+    never taken for one)."""
+    target = cache_dir / requirement.replace("=", "-").replace(" ", "+")
     if not target.is_dir():
         cache_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".install-", dir=cache_dir))
         try:
             subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                            str(staging), requirement], check=True)
+                            str(staging), *requirement.split()], check=True)
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..engine.base import ModelBackend, MultiRow, SparseRow
+from ..engine.base import ModelBackend, MultiRow, Query, SparseRow
 from . import schemas
 from .encoding import as_matrix, encode_rows, quantize, vectors
 from .errors import BadRequest, too_many
@@ -101,6 +101,8 @@ class Outputs:
         pipeline.check_sizes(field, texts, positions)
         async with pipeline.admit("embed", model, len(texts)) as served:
             texts = await embeddings.fit(model, texts, prompt, job, positions)
+            if prompt.name is not None and prompt.name == model.info.query_prompt:
+                texts = [Query(text) for text in texts]  # ColBERT: encoded as queries
             found = await run(model, texts, served)
         return Parts(found, served.tokens, prompt)
 

@@ -87,8 +87,11 @@ class Rerank:
         """Scores of a multi-vector model: its query and documents embedded as any texts (one
         pass each, batched with the model's other work), then MaxSim."""
         cut = None if truncate is None else "END" if truncate else "NONE"
-        query_job = EmbedJob(model=name, inputs=[query], field="query", truncate=cut)
-        documents_job = EmbedJob(model=name, inputs=documents, field="documents", truncate=cut)
+        # as queries and documents, for a model that encodes them apart (ColBERT)
+        query_job = EmbedJob(model=name, inputs=[query], field="query", truncate=cut,
+                             input_type="query")
+        documents_job = EmbedJob(model=name, inputs=documents, field="documents", truncate=cut,
+                                 input_type="document")
         # one after the other: a request holds one admission at a time (MAX_CONCURRENT_REQUESTS)
         asked = await self.outputs.parts(query_job, {"multi"})
         found = await self.outputs.parts(documents_job, {"multi"})

@@ -37,6 +37,13 @@ class MultiRow:
     multi: Any
 
 
+class Query(str):
+    """A text to encode as a query, for a model that encodes queries apart from documents
+    (ColBERT: its query marker and query expansion); other models read it as any text."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True)
 class LateChunks:
     """One document's chunks embedded in context (`ModelBackend.late_chunks`): a row per chunk,
@@ -93,6 +100,8 @@ class ModelInfo:
     pooling: str | None = None  # an embedder's pooling (TEI's names: mean, cls, last_token)
     runtime: str | None = None  # the lean engine's: onnxruntime or openvino (engine.runtime)
     runtime_reason: str = ""  # why that runtime and precision (the start-up line)
+    # the prompt whose texts the engine encodes as queries (`Query`; a ColBERT model: "query")
+    query_prompt: str | None = None
 
 
 @dataclass(frozen=True)

@@ -194,6 +194,10 @@ class CombinedEngine(Engine):
         for name, spec in specs.items():  # MODEL_NAMES order
             model = found[name]
             prompts, default = model_config.served_prompts(spec.source, spec.prompts)
+            if model.info.query_prompt is not None:  # queries apart: both roles can be asked for
+                named = dict(prompts)
+                prompts += tuple((name, "") for name in (model.info.query_prompt, "document")
+                                 if name not in named)
             model.info = replace(model.info, prompts=prompts, default_prompt_name=default)
             self.models[name] = model
             _log_model(model, spec, self._plans.get(name))

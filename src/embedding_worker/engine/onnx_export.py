@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError
-from . import model_config
+from . import colbert, model_config
 from .m3 import HEADS as M3_HEADS
 from .m3 import HEADS_FILE as M3_HEADS_FILE
 
@@ -50,11 +50,13 @@ class OnnxPlan:
 
     directory: str
     # "mean", "cls" or "last"; cross-encoders: "auto" (the logit is the score); SPLADE:
-    # "splade-max" or "splade-sum" (log(1 + ReLU(logits)) pooled over the text's tokens)
+    # "splade-max" or "splade-sum" (log(1 + ReLU(logits)) pooled over the text's tokens);
+    # ColBERT: "colbert" (no pooling: a vector per token, `engine.colbert`)
     pooling: str
     window: int | None  # sentence-transformers' max_seq_length, when the model has one
     normalizes: bool = False  # its sentence-transformers modules end in Normalize
     m3: bool = False  # BGE-M3's heads beside (`engine.m3`): sparse and multi-vectors too
+    colbert: bool = False  # a ColBERT model: its projection and settings beside (`engine.colbert`)
 
 
 def installed(*names: str) -> bool:
@@ -96,17 +98,23 @@ def prepare(source: str, cache_root: str, found_in: tuple[str, ...] = ()) -> Onn
     splade = _splade(model_dir, config)
     # BGE-M3: its heads are exported beside (to numpy), so it is exported even if it ships ONNX
     m3 = not cross_encoder and all((model_dir / head).is_file() for head in M3_HEADS)
-    pooling = "auto" if cross_encoder else splade or _pooling(model_dir, source)
-    if onnx_files(model_dir) and not m3:
+    # ColBERT: its projection and settings are exported beside, so it is exported even if it
+    # ships ONNX
+    late = not cross_encoder and (colbert.is_stanford(config)
+                                  or colbert.dense_modules(model_dir) is not None)
+    pooling = "auto" if cross_encoder else splade or ("colbert" if late else
+                                                       _pooling(model_dir, source))
+    if onnx_files(model_dir) and not (m3 or late):
         directory = model_dir
     else:
         task = ("text-classification" if cross_encoder else "fill-mask" if splade
-                else "feature-extraction+m3" if m3 else "feature-extraction")
+                else "feature-extraction+m3" if m3 else "feature-extraction+colbert" if late
+                else "feature-extraction")
         directory = _export(model_dir, Path(cache_root), task, config.get("model_type", ""),
                             [Path(root) for root in found_in])
     return OnnxPlan(str(directory), pooling, _st_window(model_dir),
-                    normalizes=not cross_encoder and model_config.normalizes(str(model_dir)),
-                    m3=m3)
+                    normalizes=not (cross_encoder or late) and model_config.normalizes(str(model_dir)),
+                    m3=m3, colbert=late)
 
 
 def _local_dir(source: str) -> Path:
@@ -249,6 +257,8 @@ def export(model_dir: str, output: str, task: str, model_type: str) -> None:
                 do_validation=False)
     if extra == "m3":
         _m3_heads_beside(Path(model_dir), Path(output))
+    if extra == "colbert":
+        _colbert_heads_beside(Path(model_dir), Path(output))
     onnx_file = Path(output) / "model.onnx"
     if model_type in FUSED_MODEL_TYPES:
         _fuse(onnx_file, model_type)
@@ -268,6 +278,40 @@ def _m3_heads_beside(model_dir: Path, output: Path) -> None:
         heads[f"{name}.weight"] = state["weight"].float().numpy()
         heads[f"{name}.bias"] = state["bias"].float().numpy()
     np.savez(output / M3_HEADS_FILE, **heads)
+
+
+def _colbert_heads_beside(model_dir: Path, output: Path) -> None:
+    """A ColBERT model's projection(s) as one numpy file (`i.weight`, `i.bias`), and the
+    settings PyLate would read, which serving reads without torch or the model's directory."""
+    import numpy as np
+    import torch
+
+    stanford = colbert.is_stanford(json.loads((model_dir / "config.json").read_text()))
+
+    def state_of(directory: Path) -> dict:
+        if (directory / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(directory / "model.safetensors"))
+        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+
+    heads = {}
+    if stanford:
+        heads["0.weight"] = state_of(model_dir)["linear.weight"].float().numpy()
+        layers = 1
+    else:
+        paths = colbert.dense_modules(model_dir) or []
+        for i, path in enumerate(paths):
+            state = state_of(model_dir / path)
+            heads[f"{i}.weight"] = state["linear.weight"].float().numpy()
+            if "linear.bias" in state:
+                heads[f"{i}.bias"] = state["linear.bias"].float().numpy()
+        layers = len(paths)
+    if not layers:
+        raise ConfigError(f"{model_dir} is a ColBERT model without a projection")
+    np.savez(output / colbert.HEADS_FILE, **heads)
+    found = colbert.settings(model_dir, stanford)
+    (output / colbert.SETTINGS_FILE).write_text(json.dumps({**found, "layers": layers}))
 
 
 def _openvino_beside(onnx_file: Path) -> None:

@@ -26,8 +26,9 @@ import numpy as np
 from ..config import ConfigError, ModelSpec, Settings
 from ..observability.logs import one_line
 from . import model_config, precision, runtime
-from .base import (Engine, Fault, Heartbeat, LateChunks, ModelBackend, ModelInfo, QueueStats, Rows,
-                   SparseRow, Tokens)
+from .base import (Engine, Fault, Heartbeat, LateChunks, ModelBackend, ModelInfo, Query,
+                   QueueStats, Rows, SparseRow, Tokens)
+from .colbert import ColbertHeads, Encoded
 from .fault_guard import FaultGuard
 from .grouping import GROUP_TOKENS, token_groups
 from .late_chunking import owners, windows
@@ -48,10 +49,16 @@ logger = logging.getLogger("embedding_worker")
 
 @dataclass(frozen=True)
 class _Batch:
-    """One batch, tokenised: its rows' ids and token types, unpadded."""
+    """One batch, tokenised: its rows' ids and token types, unpadded (a ColBERT model's: as
+    `engine.colbert` encodes them, some tokens not attended to)."""
 
     ids: list[list[int]]
     types: list[list[int]]
+    colbert: list[Encoded] | None = None
+
+    @property
+    def attended(self) -> list[int] | None:
+        return None if self.colbert is None else [text.attended for text in self.colbert]
 
 
 class OrtModel(ModelBackend):
@@ -73,14 +80,21 @@ class OrtModel(ModelBackend):
         self.sparse = plan.pooling.startswith("splade")
         self.group_tokens = SPARSE_GROUP_TOKENS if self.sparse else GROUP_TOKENS
         tokenizer_file = _tokenizer_file(Path(spec.source), directory)
-        self.window = _window(spec.source, directory, plan.window)
         # The tokenizer truncates at the window: the model's input, and every request's usage.
         # Counts past the window and /tokenize's full token lists need one that does not; it is
         # made at its first use (~8 MB a copy). Neither's settings change after this.
         self.tokenizer_file = tokenizer_file
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_padding()
+        self.colbert = (ColbertHeads(directory, self.tokenizer, [directory, Path(spec.source)])
+                        if plan.colbert else None)
+        # a ColBERT model's window: a document's tokens before its marker goes in
+        self.window = _window(spec.source, directory, self.colbert.length(False) if self.colbert
+                              else plan.window)
         self.tokenizer.enable_truncation(self.window)
+        # the widest row the session gets (a ColBERT model's: its marker in, queries expanded)
+        self.widest = (max(self.colbert.query_length, self.colbert.document_length)
+                       if self.colbert else self.window)
         self._whole: Tokenizer | None = None
         self.pad_id = _pad_id(directory, self.tokenizer)
         self.m3 = (M3Heads(directory, self.tokenizer, [directory, Path(spec.source)]) if plan.m3
@@ -96,8 +110,9 @@ class OrtModel(ModelBackend):
         capabilities = ({"rerank"} if self.cross_encoder else {"sparse_embed"} if self.sparse
                         # a model of multi-vectors also reranks, by MaxSim (core.rerank)
                         else {"embed", "sparse_embed", "multi_embed", "rerank"} if self.m3
+                        else {"multi_embed", "rerank"} if self.colbert
                         else {"embed"})
-        if "embed" in capabilities:  # its graph's output is the encoder's token states
+        if not (self.cross_encoder or self.sparse):  # its graph's output: the token states
             capabilities.add("token_embed")
         if plan.pooling == "mean":  # a chunk's vector is the mean of its own tokens' states
             capabilities.add("late_chunking")
@@ -108,9 +123,11 @@ class OrtModel(ModelBackend):
             batch_size=spec.batch_size, capabilities=frozenset(capabilities),
             window=self.window, dimensions=None if self.cross_encoder else self._dimensions(),
             special_tokens=self.special,
-            raw_vectors=True, unit_vectors=plan.normalizes,
-            pooling=(None if self.cross_encoder else plan.pooling if self.sparse
+            raw_vectors=True, unit_vectors=plan.normalizes or self.colbert is not None,
+            pooling=(None if self.cross_encoder or self.colbert else plan.pooling if self.sparse
                      else model_config.pooling(spec.source)),
+            # a ColBERT model encodes the texts of its "query" prompt as queries
+            query_prompt="query" if self.colbert else None,
         )
 
     def because(self, reason: str) -> OrtModel:
@@ -120,7 +137,7 @@ class OrtModel(ModelBackend):
 
     def _dimensions(self) -> int:
         row = self._run(self._encode(["dimensions"]))[0]  # a SPLADE model's: its vocabulary
-        return int((row.dense if self.m3 else row).shape[-1])
+        return int((row.dense if self.m3 else row.multi if self.colbert else row).shape[-1])
 
     # --- the three stages (wrapped by the fault guard) ---
 
@@ -133,6 +150,10 @@ class OrtModel(ModelBackend):
         for item, encoding in zip(items, encodings):
             if isinstance(item, str) and len(item) <= COUNTED_CHARS:
                 counts[item] = len(encoding.ids) - self.special  # as `usage` counts it
+        if self.colbert is not None:  # queries (`Query`) and documents encoded apart
+            texts = [self.colbert.encode(e.ids, e.type_ids, isinstance(item, Query))
+                     for item, e in zip(items, encodings)]
+            return _Batch([t.ids for t in texts], [t.types for t in texts], texts)
         return _Batch([e.ids for e in encodings], [e.type_ids for e in encodings])
 
     def _run(self, batch: _Batch) -> Any:
@@ -142,6 +163,11 @@ class OrtModel(ModelBackend):
         out: np.ndarray | None = None
         several: list[Any] = [None] * len(lengths)
         for rows, result, mask in self._groups(batch):
+            if self.colbert is not None:  # a vector per kept token
+                assert batch.colbert is not None
+                for i, row in zip(rows, self.colbert.rows(result, [batch.colbert[i] for i in rows])):
+                    several[i] = row
+                continue
             pooled = result[:, 0] if self.cross_encoder else self._pool(result, mask)
             if self.m3 is not None:  # its heads read the token states the pooling left
                 for j, i in enumerate(rows):
@@ -150,7 +176,7 @@ class OrtModel(ModelBackend):
             if out is None:
                 out = np.empty((len(lengths), *pooled.shape[1:]), dtype=np.float32)
             out[rows] = pooled
-        if self.m3 is not None:
+        if self.m3 is not None or self.colbert is not None:
             return several
         assert out is not None
         return out
@@ -158,21 +184,26 @@ class OrtModel(ModelBackend):
     def _groups(self, batch: _Batch) -> Any:
         """(rows, the session's output, their mask) per group of similar length."""
         lengths = [len(ids) for ids in batch.ids]
-        pad = lambda rows, width: self.session.shape(rows, width, self.window)  # noqa: E731
+        attended = batch.attended
+        pad = lambda rows, width: self.session.shape(rows, width, self.widest)  # noqa: E731
         for rows in token_groups(lengths, self.group_tokens, pad):
             yield (rows, *self._forward([batch.ids[i] for i in rows],
-                                        [batch.types[i] for i in rows]))
+                                        [batch.types[i] for i in rows],
+                                        None if attended is None else [attended[i] for i in rows]))
 
-    def _forward(self, ids: list[list[int]], types: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """The session's output for these rows, padded together, and their attention mask."""
+    def _forward(self, ids: list[list[int]], types: list[list[int]],
+                 attended: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The session's output for these rows, padded together, and their attention mask (on
+        each row's first `attended` tokens; by default all of its own)."""
         lengths = [len(row) for row in ids]
         # the runtime may want a padded shape (OpenVINO: a few shapes, not every one)
-        height, width = self.session.shape(len(ids), max(lengths), self.window)
+        height, width = self.session.shape(len(ids), max(lengths), self.widest)
         feed_ids = np.full((height, width), self.pad_id, dtype=np.int64)
         mask = np.zeros((height, width), dtype=np.int64)
         feed_types = np.zeros((height, width), dtype=np.int64)
         for j, n in enumerate(lengths):
-            feed_ids[j, :n], mask[j, :n], feed_types[j, :n] = ids[j], 1, types[j]
+            feed_ids[j, :n], feed_types[j, :n] = ids[j], types[j]
+            mask[j, :n if attended is None else attended[j]] = 1
         feed = {"input_ids": feed_ids, "attention_mask": mask}
         if "token_type_ids" in self.inputs:
             feed["token_type_ids"] = feed_types
@@ -208,7 +239,7 @@ class OrtModel(ModelBackend):
         return pooled.astype(np.float32, copy=False)
 
     def _finish(self, out: Any) -> list[Any]:
-        if self.m3 is not None:
+        if self.m3 is not None or self.colbert is not None:
             return out
         if self.sparse:
             rows = []
@@ -373,8 +404,12 @@ class OrtEngine(Engine):
             reference.append(fp32(""))
             return dense(reference[0].embed_now(items))
 
-        def dense(rows: list[Any]) -> list[Any]:  # BGE-M3: judged by its dense vectors
-            return [row.dense for row in rows] if model.m3 is not None else rows
+        def dense(rows: list[Any]) -> list[Any]:
+            if model.m3 is not None:  # BGE-M3: judged by its dense vectors
+                return [row.dense for row in rows]
+            if model.colbert is not None:  # ColBERT: by each text's vectors, end to end
+                return [row if isinstance(row, Fault) else row.multi.ravel() for row in rows]
+            return rows
 
         if verdict is None:
             verdict = precision.probe(directory, version, model.cross_encoder, run_fp32,

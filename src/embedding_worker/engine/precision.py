@@ -57,16 +57,18 @@ class Verdict:
     detail: str  # what was measured, for the log
 
 
-def judge(reference: np.ndarray, candidate: np.ndarray, cross_encoder: bool) -> Verdict:
+def _float64(rows: Any) -> np.ndarray:
+    return np.asarray(rows, dtype=np.float64)
+
+
+def judge(reference: Any, candidate: Any, cross_encoder: bool) -> Verdict:
     """bf16's rows (`candidate`) against fp32's (`reference`): embeddings by cosine, a cross-encoder's
     logits by their sigmoid scores and the order per query (`probe_pairs`' layout)."""
-    reference = np.asarray(reference, dtype=np.float64)
-    candidate = np.asarray(candidate, dtype=np.float64)
-    if not cross_encoder:
-        cosines = (reference * candidate).sum(1) / (
-            np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1))
-        worst = float(cosines.min())
+    if not cross_encoder:  # rows may differ in length (a ColBERT text's vectors, flattened)
+        worst = min(float(r @ c / (np.linalg.norm(r) * np.linalg.norm(c))) for r, c in
+                    zip(map(_float64, reference), map(_float64, candidate)))
         return Verdict(worst >= MIN_COSINE, f"min cosine {worst:.6f} vs fp32 (>= {MIN_COSINE})")
+    reference, candidate = _float64(reference), _float64(candidate)
     ref, got = (1 / (1 + np.exp(-reference.ravel()))), (1 / (1 + np.exp(-candidate.ravel())))
     gap = float(np.abs(ref - got).max())
     per_query = len(PROBE_TEXTS)
@@ -102,8 +104,7 @@ def probe(directory: Path, runtime_version: str, cross_encoder: bool,
     elif not both:
         verdict = Verdict(False, "every probe text failed")
     else:
-        verdict = judge(np.asarray([reference[i] for i in both]),
-                        np.asarray([candidate[i] for i in both]), cross_encoder)
+        verdict = judge([reference[i] for i in both], [candidate[i] for i in both], cross_encoder)
     try:
         path.write_text(json.dumps({"runtime_version": runtime_version, "ok": verdict.ok,
                                     "detail": verdict.detail}))
