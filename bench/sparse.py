@@ -2,12 +2,14 @@
 against the reference library in process at its best batch size, alternated (A, B, A, B), and the
 peak memory of one batch of 32 texts of 512 tokens in each.
 
-    .venv/bin/python bench/sparse.py [--kind splade|m3] [--rounds 2] [--seconds 15]
+    .venv/bin/python bench/sparse.py [--kind splade|m3|colbert] [--rounds 2] [--seconds 15]
 
 `splade`: MiniLM-L6's encoder under a masked-LM head of BERT's vocabulary (30,522), in
 sentence-transformers 5's SparseEncoder format, against SparseEncoder. `m3`: MiniLM-L6's encoder
 with BGE-M3's two heads (CLS dense, lexical weights, ColBERT vectors), all three outputs asked
-for, against FlagEmbedding's BGEM3FlagModel. The heads are random; speed and memory do not care.
+for, against FlagEmbedding's BGEM3FlagModel. `colbert`: MiniLM-L6 made a ColBERT model by PyLate
+(its Dense projection to 128, [Q]/[D] markers, documents of at most 180 tokens), documents
+encoded, against PyLate's `ColBERT.encode`. The heads are random; speed and memory do not care.
 The references run in a child with their library first on its path (tests/references.py).
 Loaded by this process's async client (its CPU is reported).
 """
@@ -27,8 +29,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from load import run_cell  # noqa: E402
-from models import write_splade_modules  # noqa: E402
-from references import (FLAG_EMBEDDING, SENTENCE_TRANSFORMERS_5,  # noqa: E402
+from models import MAKE_PYLATE, write_splade_modules  # noqa: E402
+from references import (FLAG_EMBEDDING, PYLATE, SENTENCE_TRANSFORMERS_5,  # noqa: E402
                         WITHOUT_TRAINING_IMPORTS, installed)
 from run import Target, bench_models, free_port, tree_cpu_seconds  # noqa: E402
 from runtimes import cpu  # noqa: E402
@@ -43,6 +45,10 @@ if args["who"] == "reference" and args["kind"] == "splade":
     from sentence_transformers import SparseEncoder
     model = SparseEncoder(args["model"], device="cpu")
     encode = lambda items, batch: model.encode(items, batch_size=batch, convert_to_tensor=True)
+elif args["who"] == "reference" and args["kind"] == "colbert":
+    from pylate import models
+    model = models.ColBERT(model_name_or_path=args["model"], device="cpu")
+    encode = lambda items, batch: model.encode(items, batch_size=batch, is_query=False)
 elif args["who"] == "reference":
     from FlagEmbedding import BGEM3FlagModel
     model = BGEM3FlagModel(args["model"], use_fp16=False, devices="cpu")
@@ -78,6 +84,15 @@ print(json.dumps({"items_per_s": best, "peak_before_batch_mb": before, "peak_mb"
 def make_model(kind: str, out: Path, minilm: Path) -> Path:
     if (out / "modules.json").is_file():
         return out
+    if kind == "colbert":  # made and saved by PyLate itself
+        code = "import json, sys\nARGS = json.loads(sys.argv[1])\n" + WITHOUT_TRAINING_IMPORTS
+        arguments = {"raw": str(minilm), "path": str(out), "seed": 0, "query_length": 32,
+                     "document_length": 180, "attend": False}
+        done = subprocess.run([sys.executable, "-c", code + MAKE_PYLATE, json.dumps(arguments)],
+                              env=reference_env("colbert"), capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(done.stderr[-3000:])
+        return out
     if kind == "splade":
         from transformers import AutoTokenizer, BertForMaskedLM
 
@@ -98,13 +113,18 @@ def make_model(kind: str, out: Path, minilm: Path) -> Path:
     return out
 
 
+def reference_env(kind: str) -> dict[str, str]:
+    """This environment with the reference library of `kind` first on the path."""
+    library = {"splade": SENTENCE_TRANSFORMERS_5, "m3": FLAG_EMBEDDING, "colbert": PYLATE}[kind]
+    path = installed(HERE / "results" / ".reference", library)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")])}
+
+
 def child(kind: str, who: str, model: Path, texts: list[str], long: list[str], out: Path) -> dict:
     env, code = dict(os.environ), CHILD
     if who == "reference":
-        library = SENTENCE_TRANSFORMERS_5 if kind == "splade" else FLAG_EMBEDDING
-        path = installed(HERE / "results" / ".reference", library)
-        env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")])
-        if kind == "m3":
+        env = reference_env(kind)
+        if kind in ("m3", "colbert"):
             code = "import sys\n" + WITHOUT_TRAINING_IMPORTS + CHILD
     args = {"kind": kind, "who": who, "model": str(model), "texts": texts, "long": long,
             "batches": BATCHES}
@@ -118,7 +138,7 @@ def child(kind: str, who: str, model: Path, texts: list[str], long: list[str], o
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kind", choices=("splade", "m3"), default="splade")
+    parser.add_argument("--kind", choices=("splade", "m3", "colbert"), default="splade")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--out", type=Path,
@@ -140,6 +160,7 @@ def main() -> None:
     def body(i: int):
         start = (i * PER_REQUEST) % (len(corpus) - PER_REQUEST)
         outputs = {"return_sparse": True} if args.kind == "splade" else {
+            "return_multivector": True} if args.kind == "colbert" else {
             "return_dense": True, "return_sparse": True, "return_multivector": True}
         return ({"model": "model", "input": corpus[start:start + PER_REQUEST], **outputs},
                 PER_REQUEST, 0)
