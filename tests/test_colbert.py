@@ -170,3 +170,27 @@ async def test_at_the_default_precision(models, reference):
     for item, expected in pairs:
         vectors, expected = np.asarray(item["embedding"]), np.asarray(expected)
         assert vectors.shape == expected.shape and (vectors * expected).sum(1).min() > 0.999
+
+
+async def test_on_torch(models, reference):
+    """BACKEND=torch (what a GPU gets): the same engine around torch's forward pass (infinity
+    cannot load PyLate's modules), the same vectors and scores."""
+    async with running(model_names=f"{models['pylate']};{models['stanford']}",
+                       served_model_names="pylate;stanford", backend="torch") as core:
+        assert core.engine.ready, core.engine.failure
+        for name in ("pylate", "stanford"):
+            card = core.models.card(name)
+            assert (card["backend"], card["runtime"], card["dtype"]) == ("torch", "torch",
+                                                                        "float32")
+            queries = await core.embeddings.create({"model": name, "input": QUERIES,
+                                                    "return_multivector": True,
+                                                    "input_type": "query"})
+            assert_vectors(queries["data"], reference[name]["queries"])
+            documents = await core.embeddings.create({"model": name, "input": DOCUMENTS,
+                                                      "return_multivector": True})
+            assert_vectors(documents["data"], reference[name]["documents"])
+            raw = await core.rerank.create({"model": name, "query": QUERIES[0],
+                                            "documents": DOCUMENTS, "raw_scores": True})
+            got = {r["index"]: r["relevance_score"] for r in raw["results"]}
+            np.testing.assert_allclose([got[i] for i in range(len(DOCUMENTS))],
+                                       reference[name]["maxsim"], rtol=1e-5)

@@ -175,3 +175,19 @@ async def test_at_the_default_precision(m3, reference):
         strong = {int(k): v for k, v in reference["sparse"][i].items() if v > 0.05}
         assert strong and all(abs(entries.get(k, 0.0) - v) <= 0.02 * v + 1e-3
                               for k, v in strong.items())
+
+
+async def test_on_torch(m3, reference):
+    """BACKEND=torch (what a GPU gets): the same engine around torch's forward pass, so all three
+    outputs (infinity would give the dense vector only), as FlagEmbedding computes them."""
+    async with running(model_names=str(m3), served_model_names="m3", backend="torch") as core:
+        assert core.engine.ready, core.engine.failure
+        card = core.models.card("m3")
+        assert (card["backend"], card["runtime"], card["dtype"]) == ("torch", "torch", "float32")
+        got = await core.embeddings.create({"model": "m3", "input": TEXTS, "return_dense": True,
+                                            "return_sparse": True, "return_multivector": True})
+    for i, item in enumerate(got["data"]):
+        np.testing.assert_allclose(item["dense_embedding"], reference["dense"][i], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(item["embedding"]), reference["colbert"][i],
+                                   atol=1e-5)
+        assert_sparse(item["sparse_embedding"], reference["sparse"][i])

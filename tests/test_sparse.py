@@ -98,3 +98,20 @@ async def test_what_cannot_be_sparse(core):
         with pytest.raises(BadRequest, match="applies to dense vectors and multi-vectors"):
             await core.embeddings.create({"model": "splade", "input": "x", "return_sparse": True,
                                           **extra})
+
+
+async def test_on_torch(splade, reference):
+    """BACKEND=torch (what a GPU gets): the same engine around torch's forward pass (infinity has
+    no sparse output), the same numbers; a plain embedder beside it stays infinity's."""
+    async with running(model_names=f"{splade['st']};{splade['mlm']};{bundled_model_path()}",
+                       served_model_names=f"splade;splade-mlm;{MINILM}", backend="torch") as core:
+        assert core.engine.ready, core.engine.failure
+        for name, key in (("splade", "st"), ("splade-mlm", "mlm")):
+            card = core.models.card(name)
+            assert (card["backend"], card["runtime"], card["dtype"]) == ("torch", "torch", "float32")
+            got = await core.embeddings.create({"model": name, "input": TEXTS,
+                                                "return_sparse": True})
+            for item, expected in zip(got["data"], reference[key]["rows"]):
+                assert_same(dense(item["sparse_embedding"]), expected)
+        minilm = core.models.card(MINILM)
+        assert (minilm["backend"], minilm["runtime"]) == ("torch", None)  # infinity's

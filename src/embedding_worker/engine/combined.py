@@ -159,10 +159,22 @@ class CombinedEngine(Engine):
         self._onnx_done = True
 
     def _load_torch(self) -> None:
-        """infinity's weights for the models ONNX Runtime does not serve."""
+        """torch for the models ONNX Runtime does not serve: those of outputs beyond one dense
+        vector (SPLADE, BGE-M3, ColBERT) in the lean engine around torch's forward pass, which
+        gives them; the rest in infinity."""
         parts: list[Engine] = [self._ort] if self._ort is not None else []
         onnx = set(self._ort.models) if self._ort is not None else set()
         rest = [spec for spec in self.settings.models if spec.served_name not in onnx]
+        several = self._several_outputs(rest)
+        if several:
+            from .ort import OrtEngine
+
+            lean = OrtEngine(self.settings, several, torch_device=device_hint(self.settings))
+            lean.load()
+            for exc in lean.failed.values():
+                raise exc
+            parts.append(lean)
+            rest = [spec for spec in rest if spec.served_name not in several]
         if rest:
             from .infinity import InfinityEngine
 
@@ -171,6 +183,24 @@ class CombinedEngine(Engine):
             parts.append(infinity)
         self._parts = parts
         logger.info("the models loaded in %.2f s", time.perf_counter() - self._began)
+
+    def _several_outputs(self, specs: list[ModelSpec]) -> dict[str, OnnxPlan]:
+        """The plans of the text models among `specs` whose files say SPLADE, BGE-M3 or ColBERT
+        (their heads made beside, no ONNX export)."""
+        if not specs or not onnx_export.installed("tokenizers"):
+            return {}
+        cache = onnx_cache_dirs(self.settings)[0]
+        plans = {}
+        for spec in specs:
+            try:
+                plan = onnx_export.torch_plan(spec.source, cache)
+            except Exception as exc:  # noqa: BLE001 - infinity loads it, or says why not
+                logger.info("model %s: its files were not read for outputs beyond a dense "
+                            "vector: %s", spec.served_name, one_line(exc))
+                continue
+            if plan is not None:
+                plans[spec.served_name] = plan
+        return plans
 
     async def start(self) -> None:
         if self._lock is None:

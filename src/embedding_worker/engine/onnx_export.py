@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import ConfigError
@@ -32,7 +32,7 @@ logger = logging.getLogger("embedding_worker")
 # A hub model's files needed to export it or to run its shipped ONNX file; the ONNX variants
 # (O1-O4, quantised) and other frameworks' weights are left on the hub.
 HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors", "pytorch_model.bin",
-             "onnx/model.onnx", "onnx/model.onnx_data"]
+             "onnx/model.onnx", "onnx/model.onnx_data", *M3_HEADS, colbert.STANFORD_METADATA]
 # sentence-transformers modules an ONNX export of the transformer alone reproduces (with
 # engine.ort's pooling and normalisation); any other module (Dense, ...) would be lost.
 KNOWN_MODULES = {"Transformer", "Pooling", "Normalize"}
@@ -57,6 +57,16 @@ class OnnxPlan:
     normalizes: bool = False  # its sentence-transformers modules end in Normalize
     m3: bool = False  # BGE-M3's heads beside (`engine.m3`): sparse and multi-vectors too
     colbert: bool = False  # a ColBERT model: its projection and settings beside (`engine.colbert`)
+    model_dir: str = ""  # the model's own files (its tokenizer; the weights torch reads)
+
+    @property
+    def splade(self) -> bool:
+        return self.pooling.startswith("splade")
+
+    @property
+    def several_outputs(self) -> bool:
+        """Outputs beyond one dense vector (SPLADE, BGE-M3, ColBERT): what infinity lacks."""
+        return self.m3 or self.colbert or self.splade
 
 
 def installed(*names: str) -> bool:
@@ -95,26 +105,66 @@ def prepare(source: str, cache_root: str, found_in: tuple[str, ...] = ()) -> Onn
     if cross_encoder and len(config.get("id2label") or {"0": ""}) > 1:
         raise ConfigError(f"BACKEND=optimum serves embedders and rerankers; {source} is a "
                           f"classifier: use BACKEND=torch")
+    plan = _read(model_dir, config, source, cross_encoder)
+    # BGE-M3's and ColBERT's heads are exported beside (to numpy), so such a model is exported
+    # even if it ships ONNX
+    if onnx_files(model_dir) and not (plan.m3 or plan.colbert):
+        return plan
+    task = ("text-classification" if cross_encoder else "fill-mask" if plan.splade
+            else "feature-extraction+m3" if plan.m3 else "feature-extraction+colbert"
+            if plan.colbert else "feature-extraction")
+    directory = _export(model_dir, Path(cache_root), task, config.get("model_type", ""),
+                        [Path(root) for root in found_in])
+    return replace(plan, directory=str(directory))
+
+
+def _read(model_dir: Path, config: dict, source: str, cross_encoder: bool = False) -> OnnxPlan:
+    """What the model's files say: its pooling (or SPLADE's, or ColBERT's none), window, whether
+    it normalises, whether it has BGE-M3's heads; its own directory as the plan's."""
     splade = _splade(model_dir, config)
-    # BGE-M3: its heads are exported beside (to numpy), so it is exported even if it ships ONNX
     m3 = not cross_encoder and all((model_dir / head).is_file() for head in M3_HEADS)
-    # ColBERT: its projection and settings are exported beside, so it is exported even if it
-    # ships ONNX
     late = not cross_encoder and (colbert.is_stanford(config)
                                   or colbert.dense_modules(model_dir) is not None)
     pooling = "auto" if cross_encoder else splade or ("colbert" if late else
                                                        _pooling(model_dir, source))
-    if onnx_files(model_dir) and not (m3 or late):
-        directory = model_dir
-    else:
-        task = ("text-classification" if cross_encoder else "fill-mask" if splade
-                else "feature-extraction+m3" if m3 else "feature-extraction+colbert" if late
-                else "feature-extraction")
-        directory = _export(model_dir, Path(cache_root), task, config.get("model_type", ""),
-                            [Path(root) for root in found_in])
-    return OnnxPlan(str(directory), pooling, _st_window(model_dir),
+    return OnnxPlan(str(model_dir), pooling, _st_window(model_dir),
                     normalizes=not (cross_encoder or late) and model_config.normalizes(str(model_dir)),
-                    m3=m3, colbert=late)
+                    m3=m3, colbert=late, model_dir=str(model_dir))
+
+
+def torch_plan(source: str, cache_root: str) -> OnnxPlan | None:
+    """A model of outputs beyond one dense vector (SPLADE, BGE-M3, ColBERT), for the lean engine
+    on torch (a GPU, or BACKEND=torch): its heads made beside as for an export, but no ONNX
+    file; None for any other model (infinity serves those). Runs in the serving process, which
+    has torch."""
+    model_dir = _local_dir(source)
+    config = json.loads((model_dir / "config.json").read_text())
+    if (config.get("vision_config") or config.get("audio_config")
+            or any("SequenceClassification" in a for a in config.get("architectures") or [])):
+        return None
+    try:
+        plan = _read(model_dir, config, source)
+    except ConfigError:  # a model the lean engine cannot pool (infinity may)
+        return None
+    if not plan.several_outputs:
+        return None
+    if not (plan.m3 or plan.colbert):  # SPLADE: nothing beside
+        return plan
+    kind = "m3" if plan.m3 else "colbert"
+    target = Path(cache_root) / _cache_name(model_dir, f"heads+{kind}")
+    if not target.is_dir():
+        Path(cache_root).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".heads-", dir=cache_root))
+        try:
+            (_m3_heads_beside if plan.m3 else _colbert_heads_beside)(model_dir, staging)
+            try:
+                staging.rename(target)
+            except OSError:  # another worker got there first
+                if not target.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return replace(plan, directory=str(target))
 
 
 def _local_dir(source: str) -> Path:
@@ -214,14 +264,8 @@ def _export(model_dir: Path, cache_root: Path, task: str, model_type: str,
     concurrent workers never load a half-written export."""
     from importlib.metadata import version
 
-    digest = hashlib.sha256(f"{task} optimum-onnx {version('optimum-onnx')} "
-                            f"onnxruntime {version('onnxruntime')} {EXPORT_FORMAT}".encode())
-    for file in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        stat = file.stat()
-        # whole seconds: image layers (tar) keep no finer mtime, and an export made at build time
-        # must be found again in the container
-        digest.update(f"{file.relative_to(model_dir)} {stat.st_size} {int(stat.st_mtime)}\n".encode())
-    name = f"{model_dir.name}-{digest.hexdigest()[:16]}"
+    name = _cache_name(model_dir, f"{task} optimum-onnx {version('optimum-onnx')} "
+                                  f"onnxruntime {version('onnxruntime')} {EXPORT_FORMAT}")
     for root in (cache_root, *found_in):
         if onnx_files(root / name):
             logger.info("ONNX export of %s found in %s", model_dir, root / name)
@@ -246,6 +290,18 @@ def _export(model_dir: Path, cache_root: Path, task: str, model_type: str,
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _cache_name(model_dir: Path, what: str) -> str:
+    """The model directory's name and a digest of `what` is made and of every file's name, size
+    and mtime."""
+    digest = hashlib.sha256(what.encode())
+    for file in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        stat = file.stat()
+        # whole seconds: image layers (tar) keep no finer mtime, and an export made at build time
+        # must be found again in the container
+        digest.update(f"{file.relative_to(model_dir)} {stat.st_size} {int(stat.st_mtime)}\n".encode())
+    return f"{model_dir.name}-{digest.hexdigest()[:16]}"
 
 
 def export(model_dir: str, output: str, task: str, model_type: str) -> None:

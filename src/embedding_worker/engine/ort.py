@@ -34,7 +34,7 @@ from .grouping import GROUP_TOKENS, token_groups
 from .late_chunking import owners, windows
 from .m3 import M3Heads
 from .onnx_export import OnnxPlan, onnx_files
-from .runtime import BF16, FP32, ONNXRUNTIME, Choice, open_session, runtime_version
+from .runtime import BF16, FP16, FP32, ONNXRUNTIME, TORCH, Choice, open_session, runtime_version
 
 # A SPLADE model's token groups: its logits are a group's tokens x the vocabulary, 62.5 MB at this
 # budget for BERT's (the default's 1,024: a 32 x 512-token batch peaked at 1,066 MB against 846,
@@ -69,36 +69,43 @@ class OrtModel(ModelBackend):
         from tokenizers import Tokenizer
 
         directory = Path(plan.directory)
+        # the model's own files (a hub model's: its local copy)
+        source = Path(plan.model_dir) if plan.model_dir else Path(spec.source)
         self.spec, self.plan = spec, plan
-        files = onnx_files(directory)
-        if not files:
-            raise ConfigError(f"no .onnx file in {directory}")
         choice = choice or Choice(ONNXRUNTIME, FP32, "ONNX Runtime")
-        self.session = open_session(files[0], choice)
-        self.inputs = self.session.inputs
         self.cross_encoder = plan.pooling == "auto"
-        self.sparse = plan.pooling.startswith("splade")
+        self.sparse = plan.splade
+        if choice.runtime == TORCH:
+            self.session = open_session(Path(), choice, source,
+                                        "fill-mask" if self.sparse else "feature-extraction")
+        else:
+            files = onnx_files(directory)
+            if not files:
+                raise ConfigError(f"no .onnx file in {directory}")
+            self.session = open_session(files[0], choice)
+        self.inputs = self.session.inputs
         self.group_tokens = SPARSE_GROUP_TOKENS if self.sparse else GROUP_TOKENS
-        tokenizer_file = _tokenizer_file(Path(spec.source), directory)
+        if choice.device != "cpu":  # a GPU: a batch in one call (the groups are for a CPU)
+            self.group_tokens = 1 << 30
+        tokenizer_file = _tokenizer_file(source, directory)
         # The tokenizer truncates at the window: the model's input, and every request's usage.
         # Counts past the window and /tokenize's full token lists need one that does not; it is
         # made at its first use (~8 MB a copy). Neither's settings change after this.
         self.tokenizer_file = tokenizer_file
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_padding()
-        self.colbert = (ColbertHeads(directory, self.tokenizer, [directory, Path(spec.source)])
+        self.colbert = (ColbertHeads(directory, self.tokenizer, [directory, source])
                         if plan.colbert else None)
         # a ColBERT model's window: a document's tokens before its marker goes in
-        self.window = _window(spec.source, directory, self.colbert.length(False) if self.colbert
+        self.window = _window(str(source), directory, self.colbert.length(False) if self.colbert
                               else plan.window)
         self.tokenizer.enable_truncation(self.window)
         # the widest row the session gets (a ColBERT model's: its marker in, queries expanded)
         self.widest = (max(self.colbert.query_length, self.colbert.document_length)
                        if self.colbert else self.window)
         self._whole: Tokenizer | None = None
-        self.pad_id = _pad_id(directory, self.tokenizer)
-        self.m3 = (M3Heads(directory, self.tokenizer, [directory, Path(spec.source)]) if plan.m3
-                   else None)
+        self.pad_id = _pad_id(source, self.tokenizer)
+        self.m3 = M3Heads(directory, self.tokenizer, [directory, source]) if plan.m3 else None
         self._counts: dict[str, int] = {}  # short text -> its tokens, from the model's encoding
         self._lock = threading.Lock()  # the session runs one batch at a time, on all cores
         self._whole_lock = threading.Lock()
@@ -117,9 +124,10 @@ class OrtModel(ModelBackend):
         if plan.pooling == "mean":  # a chunk's vector is the mean of its own tokens' states
             capabilities.add("late_chunking")
         self.info = ModelInfo(
-            name=spec.served_name, source=spec.source, backend="optimum",
+            name=spec.served_name, source=spec.source,
+            backend="torch" if choice.runtime == TORCH else "optimum",
             dtype=choice.precision, runtime=choice.runtime, runtime_reason=choice.reason,
-            device="cpu",
+            device=choice.device,
             batch_size=spec.batch_size, capabilities=frozenset(capabilities),
             window=self.window, dimensions=None if self.cross_encoder else self._dimensions(),
             special_tokens=self.special,
@@ -357,11 +365,14 @@ class OrtModel(ModelBackend):
 
 
 class OrtEngine(Engine):
-    """The models ONNX Runtime serves, each from its plan."""
+    """The models ONNX Runtime serves, each from its plan; or, with `torch_device`, models of
+    several outputs on torch (`runtime.TorchSession`)."""
 
-    def __init__(self, settings: Settings, plans: dict[str, OnnxPlan]):
+    def __init__(self, settings: Settings, plans: dict[str, OnnxPlan],
+                 torch_device: str | None = None):
         self.settings = settings
         self.plans = plans
+        self.torch_device = torch_device
         self.state, self.failure = "starting", ""
         self.models: dict[str, ModelBackend] = {}
         self.failed: dict[str, Exception] = {}  # models ONNX Runtime could not load
@@ -373,6 +384,10 @@ class OrtEngine(Engine):
                 continue
             try:
                 spec = specs[name]
+                if self.torch_device is not None:
+                    self.models[name] = OrtModel(spec, plan, self.settings,
+                                                 _torch_choice(spec, plan, self.torch_device))
+                    continue
                 choice = (runtime.for_this_cpu(spec.dtype) if self.settings.backend == "auto"
                           else Choice(ONNXRUNTIME, FP32, "BACKEND=optimum: ONNX Runtime"))
                 if plan.pooling.startswith("splade"):
@@ -429,6 +444,18 @@ class OrtEngine(Engine):
 
     async def stop(self) -> None:
         self.state = "stopped"
+
+
+def _torch_choice(spec: ModelSpec, plan: OnnxPlan, device: str) -> Choice:
+    """torch's precision for a model of several outputs: DTYPES' where it names one; for auto,
+    float16 on a GPU (as infinity's auto), but float32 for a SPLADE model (its whole output is
+    which entries are non-zero) and on a CPU."""
+    why = "its outputs beyond a dense vector, which infinity lacks"
+    if spec.dtype in (FP32, BF16, FP16):
+        return Choice(TORCH, spec.dtype, f"torch: {why}; DTYPES asks for {spec.dtype}", device)
+    if device == "cpu" or plan.splade:
+        return Choice(TORCH, FP32, f"torch: {why}", device)
+    return Choice(TORCH, FP16, f"torch: {why}", device)
 
 
 def _tokenizer_file(source: Path, directory: Path) -> Path:

@@ -6,6 +6,10 @@ precision) a model gets on this CPU.
   `INFERENCE_PRECISION_HINT=bf16` makes it run bf16 kernels; on a CPU without native bf16 the hint
   is ignored (it runs f32), so bf16 is chosen only where the CPU has it.
 
+- torch (`TorchSession`), only for models of outputs beyond one dense vector (SPLADE, BGE-M3,
+  ColBERT) where torch serves (a GPU, BACKEND=torch): infinity has no such outputs, so the lean
+  engine runs around torch's forward pass instead of an ONNX graph's.
+
 docs/performance.md has the measurements behind the choice (`bench/runtimes.py`).
 """
 
@@ -19,8 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
-FP32, BF16 = "float32", "bfloat16"
+ONNXRUNTIME, OPENVINO, TORCH = "onnxruntime", "openvino", "torch"
+FP32, BF16, FP16 = "float32", "bfloat16", "float16"
 # The /proc/cpuinfo flag of AMX's bf16 tiles (Sapphire Rapids on). AVX-512 BF16 alone (Cooper
 # Lake, Zen 4), which OpenVINO also uses for bf16, was not measured: fp32 there.
 AMX_BF16 = "amx_bf16"
@@ -70,6 +74,7 @@ class Choice:
     runtime: str
     precision: str
     reason: str
+    device: str = "cpu"  # torch's (cuda on a GPU); the ONNX runtimes run on the CPU
 
 
 def choose(dtype: str, flags: frozenset[str], openvino: bool) -> Choice:
@@ -165,7 +170,49 @@ class OpenVinoSession:
         return np.array(self.request.infer(feed)[0], copy=True)
 
 
-def open_session(path: Path, choice: Choice) -> Session:
+class TorchSession:
+    """The model's own weights on torch (transformers' Auto classes), for models of outputs
+    beyond one dense vector where torch serves (a GPU, BACKEND=torch): the same engine around
+    it, so the same numbers. `task`: "fill-mask" (SPLADE: the logits) or "feature-extraction"
+    (the last hidden states)."""
+
+    def __init__(self, model_dir: Path, task: str, choice: Choice):
+        import inspect
+
+        import torch
+        import transformers
+        from transformers import AutoModel, AutoModelForMaskedLM
+
+        self.torch, self.device = torch, torch.device(choice.device)
+        auto = AutoModelForMaskedLM if task == "fill-mask" else AutoModel
+        dtype = {FP32: torch.float32, BF16: torch.bfloat16, FP16: torch.float16}[choice.precision]
+        # transformers 4.56 renamed torch_dtype to dtype (the old name warns)
+        major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+        named = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+        self.model = auto.from_pretrained(str(model_dir), **{named: dtype}).to(self.device).eval()
+        accepted = inspect.signature(self.model.forward).parameters
+        self.inputs = {name for name in ("input_ids", "attention_mask", "token_type_ids")
+                       if name in accepted}
+
+    def shape(self, rows: int, width: int, window: int) -> tuple[int, int]:
+        return rows, width
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            tensors = {name: torch.from_numpy(value).to(self.device) for name, value in feed.items()
+                       if name in self.inputs}
+            out = self.model(**tensors)
+            first = out.logits if hasattr(out, "logits") else out.last_hidden_state
+            return first.float().cpu().numpy()
+
+
+def open_session(path: Path, choice: Choice, model_dir: Path | None = None,
+                 task: str = "") -> Session:
+    """`path`: the ONNX file; torch reads `model_dir` instead."""
+    if choice.runtime == TORCH:
+        assert model_dir is not None
+        return TorchSession(model_dir, task, choice)
     if choice.runtime == OPENVINO:
         return OpenVinoSession(path, choice.precision)
     return OrtSession(path)
