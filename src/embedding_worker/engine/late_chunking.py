@@ -11,6 +11,16 @@ then sees the context of the window(s) its tokens are in (docs/retrieval.md).
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .base import LateChunks
+
+# the encoder's token states of rows padded together: (ids rows, token type rows) -> an array
+# rows x tokens x hidden
+Forward = Callable[[list[list[int]], list[list[int]]], Any]
 
 
 def owners(text: str, prefix: str, chunks: list[str], offsets: list[tuple[int, int]],
@@ -54,3 +64,32 @@ def windows(special: list[int], window: int) -> tuple[list[list[int]], list[list
         pieces.append(lead + run + trail)
         pooled.append([k == 0] * len(lead) + [True] * len(run) + [k == len(runs) - 1] * len(trail))
     return pieces, pooled
+
+
+def embed(text: str, prefix: str, chunks: list[str], encoding: Any, window: int, per_run: int,
+          forward: Forward, normalise: bool, special_tokens: int) -> LateChunks:
+    """The chunks' vectors from `encoding` (the untruncated encoding of `text` = prefix + the
+    chunks joined: `ids`, `type_ids`, `offsets`, `special_tokens_mask`), the document read in
+    windows, `per_run` windows per `forward` call; unit length if `normalise` (the model's own
+    Normalize module). Its tokens: the encoding's less the `special_tokens` a text gets."""
+    owner = np.asarray(owners(text, prefix, chunks, encoding.offsets,
+                              encoding.special_tokens_mask))
+    pieces, pooled_there = windows(encoding.special_tokens_mask, window)
+    sums: np.ndarray | None = None
+    counts = np.zeros(len(chunks), dtype=np.int64)
+    for at in range(0, len(pieces), per_run):
+        run = pieces[at:at + per_run]
+        result = forward([[encoding.ids[i] for i in piece] for piece in run],
+                         [[encoding.type_ids[i] for i in piece] for piece in run])
+        if sums is None:
+            sums = np.zeros((len(chunks), result.shape[-1]), dtype=np.float64)
+        for states, piece, pooled in zip(result, run, pooled_there[at:at + per_run]):
+            rows = np.flatnonzero(pooled)
+            chunk_of = owner[np.asarray(piece)[rows]]
+            np.add.at(sums, chunk_of, states[rows])
+            np.add.at(counts, chunk_of, 1)
+    assert sums is not None
+    vectors = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+    if normalise:
+        vectors /= np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
+    return LateChunks(vectors, counts.tolist(), len(encoding.ids) - special_tokens)

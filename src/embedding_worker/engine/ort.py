@@ -25,13 +25,12 @@ import numpy as np
 
 from ..config import ConfigError, ModelSpec, Settings
 from ..observability.logs import one_line
-from . import model_config, precision, runtime
+from . import late_chunking, model_config, precision, runtime
 from .base import (Engine, Fault, Heartbeat, LateChunks, ModelBackend, ModelInfo, Query,
                    QueueStats, Rows, SparseRow, Tokens)
 from .colbert import ColbertHeads, Encoded
 from .fault_guard import FaultGuard
 from .grouping import GROUP_TOKENS, token_groups
-from .late_chunking import owners, windows
 from .m3 import M3Heads
 from .onnx_export import OnnxPlan, onnx_files
 from .runtime import BF16, FP16, FP32, ONNXRUNTIME, TORCH, Choice, open_session, runtime_version
@@ -313,29 +312,13 @@ class OrtModel(ModelBackend):
         past the window is read in consecutive windows (`late_chunking.windows`), so a chunk
         sees the context of the window(s) its tokens are in."""
         text = prefix + " ".join(chunks)
-        encoding = self._untruncated().encode(text)
-        owner = owners(text, prefix, chunks, encoding.offsets, encoding.special_tokens_mask)
-        pieces, pooled_there = windows(encoding.special_tokens_mask, self.window)
-        sums: np.ndarray | None = None
-        counts = np.zeros(len(chunks), dtype=np.int64)
-        owner = np.asarray(owner)
         per_run = max(1, self.group_tokens // self.window)  # windows per session call
-        for at in range(0, len(pieces), per_run):
-            run = pieces[at:at + per_run]
-            result, _ = self._forward([[encoding.ids[i] for i in piece] for piece in run],
-                                      [[encoding.type_ids[i] for i in piece] for piece in run])
-            if sums is None:
-                sums = np.zeros((len(chunks), result.shape[-1]), dtype=np.float64)
-            for states, piece, pooled in zip(result, run, pooled_there[at:at + per_run]):
-                rows = np.flatnonzero(pooled)
-                chunk_of = owner[np.asarray(piece)[rows]]
-                np.add.at(sums, chunk_of, states[rows])
-                np.add.at(counts, chunk_of, 1)
-        assert sums is not None
-        pooled = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
-        if self.plan.normalizes:
-            pooled /= np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-        return LateChunks(pooled, counts.tolist(), len(encoding.ids) - self.special)
+        return late_chunking.embed(text, prefix, chunks, self._untruncated().encode(text),
+                                   self.window, per_run, self._states, self.plan.normalizes,
+                                   self.special)
+
+    def _states(self, ids: list[list[int]], types: list[list[int]]) -> np.ndarray:
+        return self._forward(ids, types)[0]
 
     def _untruncated(self) -> Any:
         with self._whole_lock:
