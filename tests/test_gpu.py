@@ -227,3 +227,67 @@ def test_cuda_out_of_memory_fails_that_request_only(server, device):
     assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
     # with the card free again the same request succeeds: it was the memory, not the model
     post(server, "/v1/embeddings", {"model": "oom", "input": [LONG] * 4})
+
+
+async def test_outputs_beyond_dense_on_the_device(device, tmp_path_factory, record_property):
+    """SPLADE, BGE-M3 and ColBERT models where torch serves (the lean engine around torch's
+    forward pass; float16 on a GPU for BGE-M3 and ColBERT, float32 for SPLADE) against the CPU
+    engine's fp32 (which tests/test_sparse.py, test_m3.py and test_colbert.py hold to the
+    reference libraries); late chunking from infinity's encoder on the device too."""
+    from models import make_tiny_embedder, make_tiny_hf_colbert, make_tiny_m3, make_tiny_splade
+
+    root = tmp_path_factory.mktemp("several-outputs")
+    paths = {"m3": make_tiny_m3(root / "m3"), "splade": make_tiny_splade(root / "splade"),
+             "colbert": make_tiny_hf_colbert(root / "colbert"),
+             "embed": make_tiny_embedder(root / "embed")}
+    texts = TEXTS[:8]
+
+    async def outputs(**settings) -> dict:
+        async with running(model_names=";".join(map(str, paths.values())),
+                           served_model_names=";".join(paths), **settings) as core:
+            assert core.engine.ready, core.engine.failure
+            create = core.embeddings.create
+            return {"cards": {name: core.models.card(name) for name in paths},
+                    "m3": (await create({"model": "m3", "input": texts, "return_dense": True,
+                                         "return_sparse": True, "return_multivector": True}))["data"],
+                    "splade": (await create({"model": "splade", "input": texts,
+                                             "return_sparse": True}))["data"],
+                    "query": (await create({"model": "colbert", "input": texts,
+                                            "return_multivector": True,
+                                            "input_type": "query"}))["data"],
+                    "document": (await create({"model": "colbert", "input": texts,
+                                               "return_multivector": True}))["data"],
+                    "late": (await create({"model": "embed", "input": texts,
+                                           "late_chunking": True}))["data"]}
+
+    got = await outputs(device=device, backend="torch" if device == "cpu" else "auto")
+    expected = await outputs(device="cpu", backend="optimum")
+    for name in ("m3", "splade", "colbert"):
+        card = got["cards"][name]
+        assert (card["runtime"], card["device"]) == ("torch", device), card
+    assert got["cards"]["splade"]["dtype"] == "float32"
+    assert got["cards"]["m3"]["dtype"] == ("float16" if device == "cuda" else "float32")
+
+    def worst_token_cosine(a: list, b: list) -> float:
+        return min(min_cosine(np.asarray(x["embedding"], np.float64),
+                              np.asarray(y["embedding"], np.float64)) for x, y in zip(a, b))
+
+    cosines = {
+        "m3_dense": min_cosine(np.array([d["dense_embedding"] for d in got["m3"]]),
+                               np.array([d["dense_embedding"] for d in expected["m3"]])),
+        "m3_multi": worst_token_cosine(got["m3"], expected["m3"]),
+        "colbert_query": worst_token_cosine(got["query"], expected["query"]),
+        "colbert_document": worst_token_cosine(got["document"], expected["document"]),
+        "late_chunks": min_cosine(np.array([d["embedding"] for d in got["late"]]),
+                                  np.array([d["embedding"] for d in expected["late"]])),
+    }
+    for name, cosine in cosines.items():
+        record_property(f"cosine_min_{name}_vs_cpu", cosine)
+        assert cosine >= 0.999, (name, cosine)
+    for got_row, expected_row in zip(got["splade"], expected["splade"]):
+        entries = dict(zip(got_row["sparse_embedding"]["indices"],
+                           got_row["sparse_embedding"]["values"]))
+        strong = {i: v for i, v in zip(expected_row["sparse_embedding"]["indices"],
+                                       expected_row["sparse_embedding"]["values"]) if v > 0.05}
+        assert strong and all(abs(entries.get(i, 0.0) - v) <= 0.02 * v + 1e-3
+                              for i, v in strong.items())

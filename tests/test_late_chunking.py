@@ -136,11 +136,43 @@ async def test_what_cannot_be_late_chunked(core, tiny_models):
     assert "late_chunking" not in core.models.card("tiny-cls")["capabilities"]
 
 
-async def test_a_model_torch_serves_says_why(tiny_models):
-    async with running(model_names=str(tiny_models["embed"]), served_model_names="tiny",
-                       backend="torch") as core:
-        with pytest.raises(BadRequest, match="served by torch.*CPU engine"):
-            await core.embeddings.create({"model": "tiny", "input": CHUNKS, "late_chunking": True})
+async def test_on_torch(tiny_models, cls_model):
+    """BACKEND=torch (infinity; what a GPU gets): its encoder's token states (compat's "token
+    states"), the same chunk vectors, windows included; TEI's /embed_all from them too."""
+    async with running(model_names=f"{tiny_models['embed']};{cls_model}",
+                       served_model_names="tiny;tiny-cls", backend="torch",
+                       prompts="query=query: ;") as core:
+        assert core.engine.ready, core.engine.failure
+        assert core.models.card("tiny")["backend"] == "torch"
+        got = await core.embeddings.create({"model": "tiny", "input": CHUNKS, "late_chunking": True,
+                                            "input_type": "query"})
+        np.testing.assert_allclose(matrix(got), jina_reference(tiny_models["embed"], CHUNKS,
+                                                               prefix="query: "), atol=2e-5)
+        chunks = [f"Paragraph {i} tells of harbours and the tides of autumn." for i in range(24)]
+        got = await core.embeddings.create({"model": "tiny", "input": chunks, "late_chunking": True})
+        np.testing.assert_allclose(matrix(got), jina_reference(tiny_models["embed"], chunks,
+                                                               window=128), atol=2e-5)
+        with pytest.raises(BadRequest, match="window of 128"):
+            await core.embeddings.create({"model": "tiny", "input": chunks, "late_chunking": True,
+                                          "truncate": "NONE"})
+        with pytest.raises(BadRequest, match="pools by cls"):
+            await core.embeddings.create({"model": "tiny-cls", "input": CHUNKS,
+                                          "late_chunking": True})
+        states = await core.tei.embed_all({"inputs": CHUNKS[:2]}, model="tiny")
+        expected = token_states(tiny_models["embed"], CHUNKS[:2])
+        for row, rows in zip(states, expected):
+            np.testing.assert_allclose(row, rows, atol=2e-5)
+
+
+def token_states(model_dir, texts):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return [model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0].numpy()
+                for text in texts]
 
 
 def test_owners_and_windows():

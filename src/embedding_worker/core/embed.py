@@ -224,5 +224,6 @@ def _why_not_late(model: ModelBackend) -> str:
     if info.pooling not in (None, "mean"):
         return (f"pools by {info.pooling}; late chunking averages each chunk's tokens, which "
                 f"needs a mean-pooled model")
-    return (f"is served by {info.backend}, which gives no per-token states; the CPU engine "
-            f"(BACKEND=auto or optimum) does late chunking for mean-pooled models")
+    return (f"is served by {info.backend} without per-token states (late chunking needs a "
+            f"mean-pooled text embedder: sentence-transformers' on torch, or any on the CPU "
+            f"engine)")

@@ -1,6 +1,6 @@
 """Every touch of infinity-emb's internals, checked before it is made.
 
-infinity-emb is pinned (0.0.78). The service relies on seven things it does not offer publicly;
+infinity-emb is pinned (0.0.78). The service relies on eight things it does not offer publicly;
 each is listed in `WORKAROUNDS` with what it is for, and docs/architecture.md says how to drop it
 once infinity fixes it. Before any is applied, `check_modules` and `adapt` look up every attribute
 they will read or replace and check its type; a missing or changed one raises
@@ -36,6 +36,8 @@ WORKAROUNDS = {
     "raw vectors": "infinity normalises every embedding; a request may ask for the model's own",
     "classifier logits": "infinity's classifier gives softmax scores sorted by score (its "
                          "raw_scores does nothing)",
+    "token states": "infinity gives pooled vectors only; late chunking and TEI's /embed_all "
+                    "read the encoder's token states",
 }
 
 
@@ -129,6 +131,9 @@ class Adapted:
     raw_vectors: bool = False  # its embeddings come unnormalised ("raw vectors")
     labels: tuple[str, ...] = ()  # a classifier's, in the order of its logits
     label_activation: str = "softmax"
+    # a text embedder's encoder alone: padded (ids, token types, mask) arrays -> its token
+    # states, float32 rows x tokens x hidden ("token states"); None for other models
+    token_states: Callable[[Any, Any, Any], Any] | None = None
 
 
 def adapt(engine: Any, *, cpu: bool, guard: FaultGuard) -> Adapted:
@@ -196,7 +201,8 @@ def adapt(engine: Any, *, cpu: bool, guard: FaultGuard) -> Adapted:
 
     names, activation = labels or ((), "softmax")
     return Adapted(window=window, tokenizer=tokenizer, usage=first.tokenize_lengths, score=score,
-                   raw_vectors=raw_vectors, labels=names, label_activation=activation)
+                   raw_vectors=raw_vectors, labels=names, label_activation=activation,
+                   token_states=_token_states(first, classes))
 
 
 def _unnormalised(model: Any, classes: dict[str, tuple[type, ...]]) -> bool:
@@ -217,6 +223,30 @@ def _unnormalised(model: Any, classes: dict[str, tuple[type, ...]]) -> bool:
         model._normalize_cpu = lambda tensor, normalize: normalise(tensor, False)
         return True
     return False
+
+
+def _token_states(model: Any, classes: dict[str, tuple[type, ...]]) -> Callable | None:
+    """The encoder of a sentence-transformers embedder (its first module, the Transformer)
+    run on its own, outside infinity's batch loop (torch's inference is re-entrant); None for
+    any other model, and for ColBERT (infinity's own token mode)."""
+    if not isinstance(model, classes["st_embedder"]) or getattr(model, "mode_colbert", False):
+        return None
+    _need(model, "__getitem__", "callable", "token states")
+    _need(model, "device", object, "token states")
+    encoder = model[0]
+    auto_model = _need(encoder, "auto_model", object, "token states")
+    import torch
+
+    typed = "token_type_ids" in inspect.signature(auto_model.forward).parameters
+
+    def states(ids: Any, types: Any, mask: Any) -> Any:
+        features = {"input_ids": ids, "attention_mask": mask, **({"token_type_ids": types}
+                                                                 if typed else {})}
+        features = {k: torch.from_numpy(v).to(model.device) for k, v in features.items()}
+        with torch.inference_mode():
+            return encoder(features)["token_embeddings"].float().cpu().numpy()
+
+    return states
 
 
 def _classifier_logits(model: Any) -> tuple[tuple[str, ...], str]:

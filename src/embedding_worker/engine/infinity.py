@@ -13,18 +13,25 @@ import copy
 import logging
 import threading
 from functools import cached_property
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..config import ModelSpec, Settings
 from ..observability.logs import one_line
-from . import compat, model_config
-from .base import Engine, Heartbeat, ModelBackend, ModelInfo, QueueStats, Rows, Tokens, is_fault
+from . import compat, late_chunking, model_config
+from .base import (Engine, Heartbeat, LateChunks, ModelBackend, ModelInfo, QueueStats, Rows, Tokens,
+                   is_fault)
 from .fault_guard import FaultGuard
 
 if TYPE_CHECKING:  # infinity is imported lazily: it reads its environment at import time
     from infinity_emb import AsyncEmbeddingEngine, AsyncEngineArray
 
 logger = logging.getLogger("embedding_worker")
+
+# late chunking: a document's windows per forward pass, at most this many tokens together
+LATE_TOKENS_PER_CALL = 4096
 
 
 class InfinityModel(ModelBackend):
@@ -100,6 +107,61 @@ class InfinityModel(ModelBackend):
         lock, tokenizer = counter
         with lock:
             return tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # --- token states (compat's "token states": the encoder outside infinity's batch loop) ---
+
+    async def token_states(self, texts: list[str]) -> list[Any]:
+        return await asyncio.to_thread(self._token_states_now, texts)
+
+    def _token_states_now(self, texts: list[str]) -> list[Any]:
+        encodings = [self._encoding(text, truncate=True) for text in texts]
+        result = self._states([e.ids for e in encodings], [e.type_ids for e in encodings])
+        return [np.array(result[j, :len(e.ids)], dtype=np.float32)
+                for j, e in enumerate(encodings)]
+
+    async def late_chunks(self, prefix: str, chunks: list[str]) -> LateChunks:
+        return await asyncio.to_thread(self._late_chunks_now, prefix, chunks)
+
+    def _late_chunks_now(self, prefix: str, chunks: list[str]) -> LateChunks:
+        text = prefix + " ".join(chunks)
+        window = self.info.window
+        assert window is not None
+        return late_chunking.embed(text, prefix, chunks, self._encoding(text, truncate=False),
+                                   window, max(1, LATE_TOKENS_PER_CALL // window), self._states,
+                                   model_config.normalizes(self.info.source),
+                                   self.info.special_tokens)
+
+    def _encoding(self, text: str, truncate: bool) -> Any:
+        """One text's ids, token types, character spans and special-token mask, as the model's
+        fast tokenizer gives them (cut at the window if `truncate`)."""
+        counter = self._tokenizer()
+        assert counter is not None
+        lock, tokenizer = counter
+        with lock:
+            encoded = tokenizer(text, add_special_tokens=True, truncation=truncate,
+                                max_length=self.info.window if truncate else None,
+                                return_offsets_mapping=True, return_special_tokens_mask=True,
+                                return_token_type_ids=True)
+        ids = encoded["input_ids"]
+        return SimpleNamespace(ids=ids, type_ids=encoded.get("token_type_ids") or [0] * len(ids),
+                               offsets=[tuple(span) for span in encoded["offset_mapping"]],
+                               special_tokens_mask=encoded["special_tokens_mask"])
+
+    def _states(self, ids: list[list[int]], types: list[list[int]]) -> Any:
+        """The encoder's token states of these rows, padded together."""
+        assert self._adapted.token_states is not None
+        width = max(map(len, ids))
+        feed_ids = np.full((len(ids), width), self._pad_id, dtype=np.int64)
+        feed_types = np.zeros((len(ids), width), dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for j, (row, row_types) in enumerate(zip(ids, types)):
+            feed_ids[j, :len(row)], feed_types[j, :len(row)], mask[j, :len(row)] = row, row_types, 1
+        return self._adapted.token_states(feed_ids, feed_types, mask)
+
+    @cached_property
+    def _pad_id(self) -> int:
+        pad = getattr(self._adapted.tokenizer, "pad_token_id", None)
+        return pad if isinstance(pad, int) else 0
 
     def queue(self) -> QueueStats:
         status = self._engine.overload_status()
@@ -188,10 +250,16 @@ class InfinityEngine(Engine):
             if not is_fault(vectors[0]):  # a model that fails on it is served all the same
                 dimensions = len(vectors[0])
         tokenizer = adapted.tokenizer
+        capabilities = set(engine.capabilities)
+        pooling = model_config.pooling(spec.source)
+        if adapted.token_states is not None and getattr(tokenizer, "is_fast", False):
+            capabilities.add("token_embed")  # TEI's /embed_all
+            if pooling == "mean":  # a chunk's vector is the mean of its own tokens' states
+                capabilities.add("late_chunking")
         info = ModelInfo(
             name=name, source=spec.source, backend=args.engine.value,
             dtype=args.dtype.value, device=self.device, batch_size=args.batch_size,
-            capabilities=frozenset(engine.capabilities), window=adapted.window,
+            capabilities=frozenset(capabilities), window=adapted.window,
             dimensions=dimensions,
             special_tokens=tokenizer.num_special_tokens_to_add(pair=False)
             if hasattr(tokenizer, "num_special_tokens_to_add") else 0,
@@ -200,7 +268,7 @@ class InfinityEngine(Engine):
             unit_vectors=not adapted.raw_vectors or (
                 "image_embed" not in engine.capabilities and model_config.normalizes(spec.source)),
             labels=adapted.labels,
-            label_activation=adapted.label_activation, pooling=model_config.pooling(spec.source),
+            label_activation=adapted.label_activation, pooling=pooling,
         )
         return InfinityModel(engine, info, adapted, guard)
 
