@@ -58,6 +58,18 @@ def assert_like(vectors, expected) -> None:
     assert a.shape == b.shape and cosines.min() >= 0.9999, cosines
 
 
+def hidden_states(model_dir, texts):
+    """Each text's last hidden states as transformers computes them (special tokens included)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return [model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0].numpy()
+                for text in texts]
+
+
 def torch_logits(model_dir, query, documents):
     """The cross-encoder's raw logits as transformers computes them (token types included)."""
     import torch

@@ -7,22 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import MINILM, running
+from conftest import MINILM, hidden_states, running
 from embedding_worker.config import bundled_model_path
 from embedding_worker.core.errors import BadRequest
 
 TEXTS = ["the tides of autumn", "a lantern in the harbour at night"]
-
-
-def hidden_states(model_dir, texts):
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir).eval()
-    with torch.no_grad():
-        return [model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0].numpy()
-                for text in texts]
 
 
 @pytest.fixture(scope="module")

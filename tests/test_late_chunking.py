@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import MINILM, assert_like, running
+from conftest import MINILM, assert_like, hidden_states, running
 from embedding_worker.api.jobs import dispatch
 from embedding_worker.config import bundled_model_path
 from embedding_worker.core.errors import BadRequest
@@ -159,20 +159,9 @@ async def test_on_torch(tiny_models, cls_model):
             await core.embeddings.create({"model": "tiny-cls", "input": CHUNKS,
                                           "late_chunking": True})
         states = await core.tei.embed_all({"inputs": CHUNKS[:2]}, model="tiny")
-        expected = token_states(tiny_models["embed"], CHUNKS[:2])
+        expected = hidden_states(tiny_models["embed"], CHUNKS[:2])
         for row, rows in zip(states, expected):
             np.testing.assert_allclose(row, rows, atol=2e-5)
-
-
-def token_states(model_dir, texts):
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir).eval()
-    with torch.no_grad():
-        return [model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0].numpy()
-                for text in texts]
 
 
 def test_owners_and_windows():

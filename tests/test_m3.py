@@ -59,14 +59,19 @@ def assert_sparse(entries, expected: dict):
                                [expected.get(str(k), 0.0) for k in sorted(big)], rtol=1e-4, atol=1e-6)
 
 
-async def test_three_outputs_as_flag_embedding_computes_them(core, reference):
-    got = await core.embeddings.create({"model": "m3", "input": TEXTS, "return_dense": True,
-                                        "return_sparse": True, "return_multivector": True})
-    for i, item in enumerate(got["data"]):
+def assert_as_flag_embedding(items, reference):
+    """All three outputs of each item as FlagEmbedding's fp32 ones."""
+    for i, item in enumerate(items):
         np.testing.assert_allclose(item["dense_embedding"], reference["dense"][i], atol=1e-5)
         np.testing.assert_allclose(np.asarray(item["embedding"]), reference["colbert"][i],
                                    atol=1e-5)
         assert_sparse(item["sparse_embedding"], reference["sparse"][i])
+
+
+async def test_three_outputs_as_flag_embedding_computes_them(core, reference):
+    got = await core.embeddings.create({"model": "m3", "input": TEXTS, "return_dense": True,
+                                        "return_sparse": True, "return_multivector": True})
+    assert_as_flag_embedding(got["data"], reference)
     # the plain route gives the same dense vectors
     plain = await core.embeddings.create({"model": "m3", "input": TEXTS})
     np.testing.assert_allclose([d["embedding"] for d in plain["data"]], reference["dense"], atol=1e-5)
@@ -186,8 +191,4 @@ async def test_on_torch(m3, reference):
         assert (card["backend"], card["runtime"], card["dtype"]) == ("torch", "torch", "float32")
         got = await core.embeddings.create({"model": "m3", "input": TEXTS, "return_dense": True,
                                             "return_sparse": True, "return_multivector": True})
-    for i, item in enumerate(got["data"]):
-        np.testing.assert_allclose(item["dense_embedding"], reference["dense"][i], atol=1e-5)
-        np.testing.assert_allclose(np.asarray(item["embedding"]), reference["colbert"][i],
-                                   atol=1e-5)
-        assert_sparse(item["sparse_embedding"], reference["sparse"][i])
+    assert_as_flag_embedding(got["data"], reference)
