@@ -8,7 +8,8 @@ runs in a child process (`onnx_export.prepare`). Per batch: tokenise with the mo
 tokenizer.json, run the session in groups of similar length (`grouping`), pool as its
 sentence-transformers config says, normalise where its modules do; a cross-encoder's score is its
 logit. A batch that raises is redone item by item (`fault_guard`), so only the failing items'
-requests fail.
+requests fail. Models of outputs beyond one dense vector (SPLADE, BGE-M3, ColBERT) run in it on
+torch too where torch serves (`runtime.TorchSession`): infinity has none of those outputs.
 """
 
 from __future__ import annotations
