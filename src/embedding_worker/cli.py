@@ -1,4 +1,4 @@
-"""`embedding-worker serve | runpod | auto | download`: the image's entry point.
+"""`embedding-worker serve | runpod | auto | download | bulk`: the image's entry point.
 
 auto (the default) runs the RunPod handler inside RunPod workers and serves the BentoML service
 in one process elsewhere (`api.serve`; `bentoml serve` does the same with an arbiter process).
@@ -53,10 +53,60 @@ def download(settings: Settings, cache_dir: str | None, onnx_dir: str | None) ->
             print(f"files a serve-mode start loads: listed in {listed}")
 
 
+def bulk(settings: Settings, argv: list[str]) -> None:
+    """`embedding-worker bulk INPUT OUTPUT ...`: a corpus embedded on Ray (api/bulk.py)."""
+    parser = argparse.ArgumentParser(
+        prog="embedding-worker bulk",
+        description="Embed the texts of INPUT (Parquet, JSON lines or CSV) into Parquet files "
+                    "under OUTPUT, with a served model's options, on Ray (a local cluster, or "
+                    "RAY_ADDRESS / --address). Models and their settings come from the "
+                    "environment, as for the server.")
+    parser.add_argument("input")
+    parser.add_argument("output")
+    parser.add_argument("--format", choices=["parquet", "jsonl", "json", "csv"],
+                        help="INPUT's format (default: from its name)")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--id-column", help="a unique id per row, passed through; with it a "
+                                            "rerun after a crash embeds only the rows not written")
+    parser.add_argument("--model", help="a served name (default: the first model that embeds)")
+    parser.add_argument("--input-type")
+    parser.add_argument("--prompt-name")
+    parser.add_argument("--dimensions", type=int)
+    parser.add_argument("--output-dtype", default="float",
+                        choices=["float", "int8", "uint8", "binary", "ubinary"])
+    parser.add_argument("--truncate", choices=["END", "START", "NONE"])
+    parser.add_argument("--raw", action="store_true", help="the model's own vectors, not "
+                                                            "normalised (as normalized: false)")
+    parser.add_argument("--workers", type=int, default=1, help="model processes (Ray actors)")
+    parser.add_argument("--cpus-per-worker", type=int,
+                        help="CPUs (and the engine's threads) per worker; default: the "
+                             "cluster's CPUs shared by the workers")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--address", help="an existing Ray cluster (default: RAY_ADDRESS, else "
+                                          "a local one started for this run)")
+    parser.add_argument("--checkpoint", help="where the ids written are kept (default: "
+                                             "OUTPUT.checkpoint)")
+    args = parser.parse_args(argv)
+    try:
+        from .api import bulk as job
+    except ImportError as exc:  # pragma: no cover - the extra is missing
+        raise SystemExit(f"bulk needs Ray Data: pip install \".[bulk]\" ({exc})") from exc
+    embedder = {"model": args.model, "text_column": args.text_column,
+                "input_type": args.input_type, "prompt_name": args.prompt_name,
+                "dimensions": args.dimensions, "output_dtype": args.output_dtype,
+                "truncate": args.truncate, "normalized": not args.raw,
+                # the workers are other processes: the environment's settings go with them
+                "settings": settings.model_dump(exclude_defaults=True)}
+    job.run(args.input, args.output, embedder=embedder, id_column=args.id_column,
+            file_format=args.format, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+            batch_size=args.batch_size, address=args.address,  # Ray reads RAY_ADDRESS itself
+            checkpoint=args.checkpoint)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="embedding-worker", description=__doc__)
     parser.add_argument("mode", nargs="?", default="auto",
-                        choices=["auto", "serve", "runpod", "download"])
+                        choices=["auto", "serve", "runpod", "download", "bulk"])
     parser.add_argument("--to", help="download: the hub cache directory to fill")
     parser.add_argument("--onnx", metavar="DIR",
                         help="download: also make the ONNX exports (ONNX Runtime on a CPU) in DIR")
@@ -66,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     mode = args.mode
     if mode == "download":
         download(settings, args.to, args.onnx)
+        return
+    if mode == "bulk":
+        bulk(settings, extra)
         return
     if mode == "auto":
         mode = "runpod" if settings.on_runpod else "serve"

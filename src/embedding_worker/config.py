@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     infinity_queue_size: int = Field(48000, ge=1)
     model_warmup: bool = False
     onnx_cache: str = ""  # where ONNX Runtime's exports are kept (see onnx_cache_dir)
+    # the CPU engine's threads per model (ONNX Runtime, OpenVINO, torch's lean path); 0: the
+    # runtime's own choice (every core). `bulk` sets it to each worker's CPUs
+    cpu_threads: int = Field(0, ge=0)
     prompts: str = ""  # per model: name=text pairs, see parse_prompts
     # repeated texts from memory (core/cache.py): the cache's size, and per model on or off
     embedding_cache_mb: float = Field(128.0, ge=0)

@@ -77,12 +77,13 @@ class OrtModel(ModelBackend):
         self.sparse = plan.splade
         if choice.runtime == TORCH:
             self.session = open_session(Path(), choice, source,
-                                        "fill-mask" if self.sparse else "feature-extraction")
+                                        "fill-mask" if self.sparse else "feature-extraction",
+                                        settings.cpu_threads)
         else:
             files = onnx_files(directory)
             if not files:
                 raise ConfigError(f"no .onnx file in {directory}")
-            self.session = open_session(files[0], choice)
+            self.session = open_session(files[0], choice, threads=settings.cpu_threads)
         self.inputs = self.session.inputs
         self.group_tokens = SPARSE_GROUP_TOKENS if self.sparse else GROUP_TOKENS
         if choice.device != "cpu":  # a GPU: a batch in one call (the groups are for a CPU)

@@ -125,11 +125,13 @@ def bucketed(rows: int, width: int, window: int) -> tuple[int, int]:
 
 
 class OrtSession:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threads: int = 0):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.output = self.session.get_outputs()[0].name  # last_hidden_state or logits
@@ -147,7 +149,7 @@ class OpenVinoSession:
     from the ONNX file. Its CACHE_DIR is not used: with an f32 and a bf16 compile of one model in
     one process it corrupted memory (docs/performance.md)."""
 
-    def __init__(self, path: Path, precision: str):
+    def __init__(self, path: Path, precision: str, threads: int = 0):
         import openvino as ov
 
         if precision == BF16 and (path.parent / OPENVINO_IR).is_file():
@@ -157,6 +159,7 @@ class OpenVinoSession:
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == BF16 else "f32",
             "PERFORMANCE_HINT": "LATENCY",  # one stream on every core, as ONNX Runtime runs
+            **({"INFERENCE_NUM_THREADS": threads} if threads else {}),
         }
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self.inputs = {name for port in self.compiled.inputs for name in port.get_names()}
@@ -176,10 +179,13 @@ class TorchSession:
     it, so the same numbers. `task`: "fill-mask" (SPLADE: the logits) or "feature-extraction"
     (the last hidden states)."""
 
-    def __init__(self, model_dir: Path, task: str, choice: Choice):
+    def __init__(self, model_dir: Path, task: str, choice: Choice, threads: int = 0):
         import inspect
 
         import torch
+
+        if threads:
+            torch.set_num_threads(threads)
         import transformers
         from transformers import AutoModel, AutoModelForMaskedLM
 
@@ -207,12 +213,13 @@ class TorchSession:
             return first.float().cpu().numpy()
 
 
-def open_session(path: Path, choice: Choice, model_dir: Path | None = None,
-                 task: str = "") -> Session:
-    """`path`: the ONNX file; torch reads `model_dir` instead."""
+def open_session(path: Path, choice: Choice, model_dir: Path | None = None, task: str = "",
+                 threads: int = 0) -> Session:
+    """`path`: the ONNX file; torch reads `model_dir` instead. `threads`: 0 for the runtime's
+    own choice (every core)."""
     if choice.runtime == TORCH:
         assert model_dir is not None
-        return TorchSession(model_dir, task, choice)
+        return TorchSession(model_dir, task, choice, threads)
     if choice.runtime == OPENVINO:
-        return OpenVinoSession(path, choice.precision)
-    return OrtSession(path)
+        return OpenVinoSession(path, choice.precision, threads)
+    return OrtSession(path, threads)

@@ -1,0 +1,109 @@
+"""Bulk embedding (api/bulk.py): the Ray Data stage gives the server's bytes, rows the API refuses
+get their message in an `error` column, and `embedding-worker bulk` runs files through a real local
+Ray cluster (a child process) into Parquet with each id once."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import MINILM
+from embedding_worker.api.bulk import Embedder
+from embedding_worker.config import bundled_model_path
+
+TEXTS = [f"passage {i}: the tides of autumn and a lantern in the harbour" + " again" * (i % 7)
+         for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def embedder_settings():
+    # as the dialect server serves MiniLM (DTYPES=auto: bf16 on a CPU with AMX)
+    return {"model_names": bundled_model_path(), "served_model_names": MINILM}
+
+
+def server_vectors(server, texts, output_dtype="float", **body) -> list[np.ndarray]:
+    encoding = "base64" if output_dtype == "float" else "float"
+    response = httpx.post(server.url + "/v1/embeddings", timeout=120, json={
+        "model": MINILM, "input": texts, "output_dtype": output_dtype,
+        "encoding_format": encoding, **body})
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    if output_dtype == "float":
+        return [np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in data]
+    return [np.asarray(d["embedding"]) for d in data]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{}, {"output_dtype": "int8", "input_type": "query"},
+                                     {"output_dtype": "ubinary", "dimensions": 128}])
+def test_the_stage_gives_the_servers_bytes(dialect_server, embedder_settings, options):
+    stage = Embedder(MINILM, settings=embedder_settings, **options)
+    out = stage({"id": np.arange(len(TEXTS)), "text": np.array(TEXTS, dtype=object)})
+    assert out.column_names == ["id", "embedding", "error"]
+    assert out.column("error").null_count == len(TEXTS)
+    got = np.asarray(out.column("embedding").to_pylist())
+    expected = np.asarray(server_vectors(dialect_server, TEXTS, **options))
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)  # bit for bit
+
+
+def test_rows_the_api_refuses_get_their_message(embedder_settings):
+    stage = Embedder(settings={**embedder_settings, "truncate_inputs": False})
+    texts = ["fine", "", None, "word " * 400, "also fine"]
+    out = stage({"id": np.arange(5), "text": np.array(texts, dtype=object)})
+    errors = out.column("error").to_pylist()
+    assert errors[0] is None and errors[4] is None
+    assert errors[1] == "text: empty string"
+    assert errors[2] == "text: expected a string, got null"
+    assert errors[3].startswith("text: it is 402 tokens, over the model's window of 256")
+    vectors = np.asarray(out.column("embedding").to_pylist())
+    assert not vectors[[1, 2, 3]].any()  # zeros where the row failed
+    alone = np.asarray(stage({"text": np.array(["fine", "also fine"], dtype=object)})
+                       .column("embedding").to_pylist())
+    np.testing.assert_array_equal(vectors[[0, 4]], alone)
+
+
+def test_a_bad_option_fails_at_the_start(embedder_settings):
+    with pytest.raises(Exception, match="dimensions: 999 is out of range"):
+        Embedder(settings=embedder_settings, dimensions=999)
+
+
+@pytest.mark.slow
+def test_the_command_on_a_local_ray_cluster(tmp_path, embedder_settings):
+    """Parquet and JSON lines in, Parquet out (a fixed-size list column, ids passed through, each
+    once), through `embedding-worker bulk` on a Ray cluster it starts; the vectors are the
+    stage's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [*TEXTS[:30], ""]
+    pq.write_table(pa.table({"doc": [f"d{i}" for i in range(len(texts))], "body": texts}),
+                   tmp_path / "in.parquet")
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"doc": f"d{i}", "body": t}) + "\n"
+                                               for i, t in enumerate(texts)))
+    env = {**os.environ, "MODEL_NAMES": bundled_model_path(), "SERVED_MODEL_NAMES": MINILM,
+           "RAY_ADDRESS": ""}
+    stage = Embedder(settings=embedder_settings, output_dtype="int8", text_column="body")
+    expected = np.asarray(stage({"body": np.array(texts, dtype=object)})
+                          .column("embedding").to_pylist())
+    for source in ("in.parquet", "in.jsonl"):
+        target = tmp_path / f"out-{source}"
+        done = subprocess.run(
+            [sys.executable, "-m", "embedding_worker", "bulk", str(tmp_path / source), str(target),
+             "--text-column", "body", "--id-column", "doc", "--output-dtype", "int8",
+             "--batch-size", "8"], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        table = pq.read_table(target)
+        assert str(table.schema.field("embedding").type) == "fixed_size_list<element: int8>[384]"
+        rows = sorted(zip(table.column("doc").to_pylist(), table.column("embedding").to_pylist(),
+                          table.column("error").to_pylist()), key=lambda r: int(r[0][1:]))
+        assert [r[0] for r in rows] == [f"d{i}" for i in range(len(texts))]  # each id once
+        np.testing.assert_array_equal(np.asarray([r[1] for r in rows]), expected)
+        assert [r[2] for r in rows] == [None] * 30 + ["body: empty string"]
