@@ -107,3 +107,42 @@ def test_the_command_on_a_local_ray_cluster(tmp_path, embedder_settings):
         assert [r[0] for r in rows] == [f"d{i}" for i in range(len(texts))]  # each id once
         np.testing.assert_array_equal(np.asarray([r[1] for r in rows]), expected)
         assert [r[2] for r in rows] == [None] * 30 + ["body: empty string"]
+
+
+@pytest.mark.slow
+def test_a_killed_job_rerun_writes_each_id_once(tmp_path):
+    """The driver (and the local cluster it started) SIGKILLed once output is being written,
+    then the same command again: every id in the output, each once (Ray Data's checkpoint of
+    the ids written, kept after success, so a rerun of a finished job writes nothing)."""
+    import signal
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = tmp_path / "in"
+    source.mkdir()
+    for part in range(6):
+        ids = list(range(part * 100, (part + 1) * 100))
+        pq.write_table(pa.table({"id": ids, "text": [f"{TEXTS[i % 40]} ({i})" for i in ids]}),
+                       source / f"part-{part}.parquet")
+    target = tmp_path / "out"
+    command = [sys.executable, "-m", "embedding_worker", "bulk", str(source), str(target),
+               "--format", "parquet", "--id-column", "id", "--batch-size", "25"]
+    env = {**os.environ, "MODEL_NAMES": bundled_model_path(), "RAY_ADDRESS": ""}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(target.glob("*.parquet")) and first.poll() is None:
+        assert time.monotonic() < deadline, "no output"
+        time.sleep(0.05)
+    try:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver, its raylet and workers
+    except ProcessLookupError:  # it had finished: the rerun must then write nothing
+        pass
+    first.wait()
+    for _ in range(2):  # a rerun, and a rerun of a finished job
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        ids = pq.read_table(list(target.glob("*.parquet"))).column("id").to_pylist()
+        assert sorted(ids) == list(range(600))

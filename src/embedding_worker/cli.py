@@ -83,7 +83,8 @@ def bulk(settings: Settings, argv: list[str]) -> None:
                              "cluster's CPUs shared by the workers")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--address", help="an existing Ray cluster (default: RAY_ADDRESS, else "
-                                          "a local one started for this run)")
+                                          "a local one of this machine's CPUs, started for "
+                                          "this run)")
     parser.add_argument("--checkpoint", help="where the ids written are kept (default: "
                                              "OUTPUT.checkpoint)")
     args = parser.parse_args(argv)
@@ -99,7 +100,7 @@ def bulk(settings: Settings, argv: list[str]) -> None:
                 "settings": settings.model_dump(exclude_defaults=True)}
     job.run(args.input, args.output, embedder=embedder, id_column=args.id_column,
             file_format=args.format, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-            batch_size=args.batch_size, address=args.address,  # Ray reads RAY_ADDRESS itself
+            batch_size=args.batch_size, address=args.address or settings.ray_address or None,
             checkpoint=args.checkpoint)
 
 

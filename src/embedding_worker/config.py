@@ -161,6 +161,8 @@ class Settings(BaseSettings):
     runpod_pod_id: str = ""
     runpod_endpoint_id: str = ""
     runpod_webhook_get_job: str = ""
+    # `embedding-worker bulk`: an existing Ray cluster (Ray's own variable); unset: a local one
+    ray_address: str = ""
     # honoured as set by the user; only read to decide on the model caches
     hf_home: str = ""
     hf_hub_cache: str = ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import re
 from typing import Any
 
@@ -117,6 +118,11 @@ class Embedder:
             pass
 
 
+# Ray's CPUs left to Ray Data's own tasks (listing, reading, the checkpoint's filter, writing:
+# I/O mostly), which take a whole CPU each: with the workers holding every CPU, they waited for
+# them forever (seen on 2 CPUs)
+SPARE_CPUS = 2
+BATCHES_PER_BLOCK = 4
 # input formats by file suffix -> Ray Data's reader
 READERS = {"parquet": "read_parquet", "jsonl": "read_json", "json": "read_json", "csv": "read_csv"}
 
@@ -142,21 +148,28 @@ def run(source: str, target: str, *, embedder: dict[str, Any], id_column: str | 
     import ray
     import ray.data
 
-    ray.init(address=address, ignore_reinit_error=True)
+    if address:
+        ray.init(address=address)
+        machine = max(1, int(ray.cluster_resources().get("CPU", 1)) - SPARE_CPUS)
+    else:  # a local cluster of this machine's CPUs, and the spare ones Ray Data's tasks take
+        machine = os.cpu_count() or 1
+        ray.init(num_cpus=machine + SPARE_CPUS, include_dashboard=False)
     context = ray.data.DataContext.get_current()
     if id_column is not None:
         from ray.data.checkpoint import CheckpointConfig
 
+        # kept after success too: a rerun of a finished job then writes nothing twice
         context.checkpoint_config = CheckpointConfig(
-            id_column=id_column, checkpoint_path=checkpoint or f"{target.rstrip('/')}.checkpoint")
-    dataset = getattr(ray.data, READERS[input_format(source, file_format)])(source)
-    threads = cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+            id_column=id_column, checkpoint_path=checkpoint or f"{target.rstrip('/')}.checkpoint",
+            delete_checkpoint_on_success=False)
+    # blocks of a few batches each: what a crash loses and a rerun redoes is one block's rows
+    reader = getattr(ray.data, READERS[input_format(source, file_format)])
+    blocks = -(-reader(source).count() // (batch_size * BATCHES_PER_BLOCK))
+    dataset = reader(source, override_num_blocks=max(1, blocks))
+    threads = cpus_per_worker or max(1, machine // workers)
     settings = {**embedder.pop("settings", {}), "cpu_threads": threads}
-    # each worker's model runs `threads` threads but reserves one CPU less of Ray's: the read
-    # and write tasks (I/O mostly) take a whole one each, and with none left they wait for the
-    # workers forever (seen on 2 CPUs)
     embedded = dataset.map_batches(
         Embedder, fn_constructor_kwargs={**embedder, "settings": settings},
-        batch_format="pyarrow", batch_size=batch_size, concurrency=workers,
-        num_cpus=max(0.5, threads - 1))
-    embedded.write_parquet(target)
+        batch_format="pyarrow", batch_size=batch_size, concurrency=workers, num_cpus=threads)
+    embedded.write_parquet(target, min_rows_per_file=1,
+                           max_rows_per_file=batch_size * BATCHES_PER_BLOCK)
