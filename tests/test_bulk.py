@@ -17,6 +17,7 @@ import pytest
 from conftest import MINILM
 from embedding_worker.api.bulk import Embedder
 from embedding_worker.config import bundled_model_path
+from embedding_worker.core.encoding import dumps
 
 TEXTS = [f"passage {i}: the tides of autumn and a lantern in the harbour" + " again" * (i % 7)
          for i in range(40)]
@@ -146,3 +147,53 @@ def test_a_killed_job_rerun_writes_each_id_once(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         ids = pq.read_table(list(target.glob("*.parquet"))).column("id").to_pylist()
         assert sorted(ids) == list(range(600))
+
+
+@pytest.mark.slow
+def test_an_openai_batch_file_round_trip(tmp_path, embedder_settings):
+    """OpenAI's batch input lines in (any route of this service), its batch output lines out,
+    each body as the server's; a refused request is its status and error envelope, a line that
+    is no request an error; a rerun answers nothing twice, and a line cut by a kill is redone."""
+    lines = [
+        {"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
+         "body": {"model": MINILM, "input": TEXTS[:3], "encoding_format": "base64"}},
+        {"custom_id": "b", "method": "POST", "url": "/v1/embeddings",
+         "body": {"model": MINILM, "input": ["x"], "output_dtype": "int8", "dimensions": 64}},
+        {"custom_id": "c", "method": "POST", "url": "/v1/rerank",
+         "body": {"model": MINILM, "query": "q", "documents": ["a"]}},
+        {"custom_id": "d", "method": "POST", "url": "/v1/embeddings",
+         "body": {"model": MINILM, "input": [""]}},
+        {"custom_id": "e", "method": "POST", "url": "/v1/nothing", "body": {}},
+    ]
+    source, target = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines) + "not json\n")
+    env = {**os.environ, "MODEL_NAMES": bundled_model_path(), "SERVED_MODEL_NAMES": MINILM,
+           "RAY_ADDRESS": ""}
+    command = [sys.executable, "-m", "embedding_worker", "bulk", str(source), str(target),
+               "--format", "openai-batch"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = {a["custom_id"]: a for a in map(json.loads, target.read_text().splitlines())}
+    assert set(answers) == {"a", "b", "c", "d", "e", None}
+    assert all(a["id"].startswith("batch_req_") for a in answers.values())
+    stage = Embedder(settings=embedder_settings)
+    for name in ("a", "b"):
+        response = answers[name]["response"]
+        assert response["status_code"] == 200 and answers[name]["error"] is None
+        body = next(line["body"] for line in lines if line["custom_id"] == name)
+        expected = stage.loop.run_until_complete(stage.core.embeddings.create(body))
+        assert response["body"]["data"] == json.loads(dumps(expected["data"]))  # as served
+    assert answers["c"]["response"]["status_code"] == 400  # MiniLM does not rerank
+    assert answers["d"]["response"]["body"]["error"]["message"] == "input[0]: empty string"
+    assert answers["e"]["response"]["status_code"] == 404
+    assert answers[None]["response"] is None and answers[None]["error"]["code"] == "invalid_request"
+    # a kill left the last line half written: the rerun drops it and answers that request again
+    text = target.read_text()
+    kept = text.splitlines()[:-1]
+    last = json.loads(text.splitlines()[-1])
+    target.write_text("\n".join(kept) + "\n" + text.splitlines()[-1][:20])
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    ids = [json.loads(line)["custom_id"] for line in target.read_text().splitlines()]
+    assert sorted(ids, key=str) == sorted([*answers], key=str)  # each once
+    assert last["custom_id"] in ids

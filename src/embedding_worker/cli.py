@@ -63,8 +63,11 @@ def bulk(settings: Settings, argv: list[str]) -> None:
                     "environment, as for the server.")
     parser.add_argument("input")
     parser.add_argument("output")
-    parser.add_argument("--format", choices=["parquet", "jsonl", "json", "csv"],
-                        help="INPUT's format (default: from its name)")
+    parser.add_argument("--format", choices=["parquet", "jsonl", "json", "csv", "openai-batch"],
+                        help="INPUT's format (default: from its name). openai-batch: an OpenAI "
+                             "batch input file (lines of custom_id, method, url, body; any route "
+                             "of this service), answered into OUTPUT, a file of OpenAI's batch "
+                             "output lines; a rerun answers only the lines not in OUTPUT yet")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--id-column", help="a unique id per row, passed through; with it a "
                                             "rerun after a crash embeds only the rows not written")
@@ -92,6 +95,13 @@ def bulk(settings: Settings, argv: list[str]) -> None:
         from .api import bulk as job
     except ImportError as exc:  # pragma: no cover - the extra is missing
         raise SystemExit(f"bulk needs Ray Data: pip install \".[bulk]\" ({exc})") from exc
+    if args.format == "openai-batch":
+        answered = job.run_requests(args.input, args.output,
+                                    settings=settings.model_dump(exclude_defaults=True),
+                                    workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                                    address=args.address or settings.ray_address or None)
+        print(f"{answered} requests answered into {args.output}")
+        return
     embedder = {"model": args.model, "text_column": args.text_column,
                 "input_type": args.input_type, "prompt_name": args.prompt_name,
                 "dimensions": args.dimensions, "output_dtype": args.output_dtype,

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import re
+import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import Settings
 from ..core.core import Core
-from ..core.errors import BadRequest
+from ..core.encoding import dumps
+from ..core.errors import APIError, BadRequest
 
 # the output types and the numpy type of their values (binary: signed bytes of packed bits)
 VALUE_TYPES = {"float": np.float32, "int8": np.int8, "uint8": np.uint8, "binary": np.int8,
@@ -29,7 +33,25 @@ VALUE_TYPES = {"float": np.float32, "int8": np.int8, "uint8": np.uint8, "binary"
 _ITEM = re.compile(r"^input\[(\d+)\]")
 
 
-class Embedder:
+class _InProcess:
+    """A started Core of this process's own, driven from synchronous code (Ray Data's calls)."""
+
+    def __init__(self, settings: dict[str, Any] | None):
+        self.loop = asyncio.new_event_loop()
+        self.core = Core(Settings(**(settings or {})))
+        self.loop.run_until_complete(self.core.start())
+        if not self.core.engine.ready:
+            raise RuntimeError(f"the models did not load: {self.core.engine.failure}")
+
+    def __del__(self) -> None:
+        try:
+            self.loop.run_until_complete(self.core.stop())
+            self.loop.close()
+        except Exception:  # noqa: BLE001 - an interpreter shutting down
+            pass
+
+
+class Embedder(_InProcess):
     """`map_batches(Embedder, fn_constructor_kwargs={...}, batch_format="pyarrow")`: each batch
     (a pyarrow Table, or a dict of columns) comes back with every column but the text, plus
     `embedding` (a fixed-size list of the output type's values; zeros where the row failed) and
@@ -47,12 +69,8 @@ class Embedder:
         if output_dtype not in VALUE_TYPES:
             raise ValueError(f"output_dtype: {output_dtype!r}; expected one of "
                              f"{', '.join(VALUE_TYPES)}")
+        super().__init__(settings)
         self.text_column = text_column
-        self.loop = asyncio.new_event_loop()
-        self.core = Core(Settings(**(settings or {})))
-        self.loop.run_until_complete(self.core.start())
-        if not self.core.engine.ready:
-            raise RuntimeError(f"the models did not load: {self.core.engine.failure}")
         model = model or self.core.models.default("embed")
         self.value_type = VALUE_TYPES[output_dtype]
         self.body: dict[str, Any] = {
@@ -110,12 +128,39 @@ class Embedder:
         return kept.append_column("embedding", embedding).append_column(
             "error", pa.array(errors, type=pa.string()))
 
-    def __del__(self) -> None:
+
+class Requests(_InProcess):
+    """OpenAI batch file lines (`{"custom_id", "method", "url", "body"}`) in a `line` column, each
+    answered as the server answers its route (any route of any dialect: `api.jobs.dispatch`),
+    into output lines of OpenAI's batch output shape."""
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        table = batch if isinstance(batch, pa.Table) else pa.table(batch)
+        return pa.table({"line": [self.answer(line) for line in table.column("line").to_pylist()]})
+
+    def answer(self, line: str) -> str:
+        from .jobs import dispatch
+
+        identity = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": None}
         try:
-            self.loop.run_until_complete(self.core.stop())
-            self.loop.close()
-        except Exception:  # noqa: BLE001 - an interpreter shutting down
-            pass
+            request = json.loads(line)
+            if not isinstance(request, dict) or not isinstance(request.get("custom_id"), str):
+                raise ValueError("a line must be a JSON object with a string custom_id")
+            identity["custom_id"] = request["custom_id"]
+            if request.get("method", "POST") != "POST" or not isinstance(request.get("url"), str):
+                raise ValueError("method must be POST and url a route, e.g. /v1/embeddings")
+        except ValueError as exc:
+            return dumps({**identity, "response": None,
+                          "error": {"code": "invalid_request", "message": str(exc)}}).decode()
+        try:
+            status, body = 200, self.loop.run_until_complete(dispatch(
+                self.core, {"route": request["url"], "body": request.get("body") or {}}))
+        except APIError as exc:
+            status, body = exc.status, exc.envelope()
+        response = {"status_code": status, "request_id": uuid.uuid4().hex, "body": body}
+        return dumps({**identity, "response": response, "error": None}).decode()  # the server's
 
 
 # Ray's CPUs left to Ray Data's own tasks (listing, reading, the checkpoint's filter, writing:
@@ -137,6 +182,19 @@ def input_format(source: str, given: str | None) -> str:
     return suffix
 
 
+def _start_ray(address: str | None, workers: int, cpus_per_worker: int | None) -> int:
+    """Ray started (a local cluster, or the one at `address`); each worker's CPUs (its threads)."""
+    import ray
+
+    if address:
+        ray.init(address=address)
+        machine = max(1, int(ray.cluster_resources().get("CPU", 1)) - SPARE_CPUS)
+    else:  # a local cluster of this machine's CPUs, and the spare ones Ray Data's tasks take
+        machine = os.cpu_count() or 1
+        ray.init(num_cpus=machine + SPARE_CPUS, include_dashboard=False)
+    return cpus_per_worker or max(1, machine // workers)
+
+
 def run(source: str, target: str, *, embedder: dict[str, Any], id_column: str | None,
         file_format: str | None = None, workers: int = 1, cpus_per_worker: int | None = None,
         batch_size: int = 256, address: str | None = None,
@@ -145,15 +203,9 @@ def run(source: str, target: str, *, embedder: dict[str, Any], id_column: str | 
     pyarrow's filesystems reach) into Parquet files under `target`, on Ray: a local cluster
     started for it, or the one at `address` (RAY_ADDRESS). With `id_column`, Ray Data's
     checkpoint keeps the ids written, so a rerun after a crash embeds only the rest."""
-    import ray
     import ray.data
 
-    if address:
-        ray.init(address=address)
-        machine = max(1, int(ray.cluster_resources().get("CPU", 1)) - SPARE_CPUS)
-    else:  # a local cluster of this machine's CPUs, and the spare ones Ray Data's tasks take
-        machine = os.cpu_count() or 1
-        ray.init(num_cpus=machine + SPARE_CPUS, include_dashboard=False)
+    threads = _start_ray(address, workers, cpus_per_worker)
     context = ray.data.DataContext.get_current()
     if id_column is not None:
         from ray.data.checkpoint import CheckpointConfig
@@ -166,10 +218,56 @@ def run(source: str, target: str, *, embedder: dict[str, Any], id_column: str | 
     reader = getattr(ray.data, READERS[input_format(source, file_format)])
     blocks = -(-reader(source).count() // (batch_size * BATCHES_PER_BLOCK))
     dataset = reader(source, override_num_blocks=max(1, blocks))
-    threads = cpus_per_worker or max(1, machine // workers)
     settings = {**embedder.pop("settings", {}), "cpu_threads": threads}
     embedded = dataset.map_batches(
         Embedder, fn_constructor_kwargs={**embedder, "settings": settings},
         batch_format="pyarrow", batch_size=batch_size, concurrency=workers, num_cpus=threads)
     embedded.write_parquet(target, min_rows_per_file=1,
                            max_rows_per_file=batch_size * BATCHES_PER_BLOCK)
+
+
+def run_requests(source: str, target: str, *, settings: dict[str, Any], workers: int = 1,
+                 cpus_per_worker: int | None = None, batch_size: int = 16,
+                 address: str | None = None) -> int:
+    """An OpenAI batch input file (JSON lines) answered into `target` (JSON lines of OpenAI's
+    batch output), on Ray. Lines already answered in `target` (by `custom_id`) are skipped, so a
+    killed run is resumed by running it again; a partial last line is dropped first. Returns
+    the number of lines answered now."""
+    done = _answered(target)
+    pending = [line for line in Path(source).read_text().splitlines()
+               if line.strip() and _custom_id(line) not in done]
+    if not pending:
+        return 0
+    import ray.data
+
+    threads = _start_ray(address, workers, cpus_per_worker)
+    answers = ray.data.from_items([{"line": line} for line in pending]).map_batches(
+        Requests, fn_constructor_kwargs={"settings": {**settings, "cpu_threads": threads}},
+        batch_format="pyarrow", batch_size=batch_size, concurrency=workers, num_cpus=threads)
+    written = 0
+    with open(target, "a") as out:  # only the driver writes: a line is whole once flushed
+        for batch in answers.iter_batches(batch_format="pyarrow"):
+            for line in batch.column("line").to_pylist():
+                out.write(line + "\n")
+                written += 1
+            out.flush()
+    return written
+
+
+def _custom_id(line: str) -> Any:
+    try:
+        return json.loads(line).get("custom_id")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _answered(target: str) -> set[Any]:
+    """The custom_ids answered in `target`; a last line cut short by a kill is removed."""
+    path = Path(target)
+    if not path.is_file():
+        return set()
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+        path.write_text(text)
+    return {_custom_id(line) for line in text.splitlines()}
