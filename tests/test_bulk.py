@@ -197,3 +197,35 @@ def test_an_openai_batch_file_round_trip(tmp_path, embedder_settings):
     ids = [json.loads(line)["custom_id"] for line in target.read_text().splitlines()]
     assert sorted(ids, key=str) == sorted([*answers], key=str)  # each once
     assert last["custom_id"] in ids
+
+
+CRASHING = """
+import os, sys
+import ray, ray.data
+from embedding_worker.api import bulk
+marker = sys.argv[1]
+class Crashing(bulk.Embedder):
+    def __call__(self, batch):
+        if not os.path.exists(marker):  # the first batch: its worker process dies inside it
+            open(marker, "w").close()
+            os._exit(1)
+        return super().__call__(batch)
+ray.init(num_cpus=(os.cpu_count() or 1) + bulk.SPARE_CPUS, include_dashboard=False)
+rows = ray.data.from_items([{"id": i, "text": f"text {i}"} for i in range(200)],
+                           override_num_blocks=4)
+out = rows.map_batches(Crashing, fn_constructor_kwargs={"settings": {}}, batch_format="pyarrow",
+                       batch_size=25, concurrency=1, num_cpus=1).take_all()
+print("IDS", sorted(r["id"] for r in out))
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_killed_in_a_batch_is_replaced_and_its_batch_redone(tmp_path):
+    marker = tmp_path / "crashed"
+    env = {**os.environ, "MODEL_NAMES": bundled_model_path(), "RAY_ADDRESS": ""}
+    done = subprocess.run([sys.executable, "-c", CRASHING, str(marker)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert marker.exists()  # it did crash
+    found = next(line for line in done.stdout.splitlines() if line.startswith("IDS "))
+    assert json.loads(found[4:]) == list(range(200))  # every row, each once
