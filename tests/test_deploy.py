@@ -20,7 +20,8 @@ OVERLAYS = ("cpu", "gpu", "keda")
 K8S_VERSION = "1.32"
 # read from the environment but set by platforms, or secret (API_KEY comes from a Secret)
 NOT_IN_CONFIG = {"runpod_pod_id", "runpod_endpoint_id", "runpod_webhook_get_job", "hf_home",
-                 "hf_hub_cache", "xdg_cache_home", "api_key"}
+                 "hf_hub_cache", "xdg_cache_home", "api_key",
+                 "ray_address"}  # `embedding-worker bulk`'s, not the service's
 # the gauge the service exports (tests/test_hardening_e2e.py reads it from a real server's /metrics)
 QUEUE_METRIC = metrics.PREFIX + "queue_depth"
 
