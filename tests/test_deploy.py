@@ -119,3 +119,39 @@ def test_the_bentocloud_file_has_the_same_settings_and_parses_as_bentoml_reads_i
     assert 1 <= scaling.min_replicas < scaling.max_replicas
     config_map = by_kind(render("cpu"))["ConfigMap"]["data"]
     assert {env.name: env.value for env in parsed.envs} == config_map
+
+
+def test_the_rayjob_runs_the_bulk_command_on_valid_pods():
+    """deploy/ray/rayjob.yaml (KubeRay's RayJob, a CRD without a schema here): its pod templates
+    validate as Kubernetes PodTemplates, its entrypoint parses with `bulk`'s own options and
+    matches the worker group, and its Ray is the bulk extra's, as the Dockerfile installs it."""
+    import re
+    import shlex
+    import tomllib
+
+    import kubernetes_validate
+
+    from embedding_worker.cli import bulk_parser
+
+    job = yaml.safe_load((DEPLOY / "ray" / "rayjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    cluster = job["spec"]["rayClusterSpec"]
+    (workers,) = cluster["workerGroupSpecs"]
+    for group in (cluster["headGroupSpec"], workers):
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
+                                      "metadata": {"name": "check"}, "template": group["template"]},
+                                     K8S_VERSION, strict=True)
+        (container,) = group["template"]["spec"]["containers"]
+        assert container["envFrom"] == [{"configMapRef": {"name": "infinity-embedding-worker"}}]
+    words = shlex.split(job["spec"]["entrypoint"])
+    assert words[:4] == ["python", "-m", "embedding_worker", "bulk"]
+    args = bulk_parser().parse_args(words[4:])
+    assert args.workers == workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"]
+    assert str(args.cpus_per_worker) == workers["rayStartParams"]["num-cpus"]
+    assert args.id_column  # a retried job resumes
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["bulk"]
+    ray = next(requirement for requirement in extra if requirement.startswith("ray"))
+    low, high = re.match(r"ray\[data\]>=([\d.]+),<([\d.]+)$", ray).groups()
+    assert cluster["rayVersion"].startswith(low) and not cluster["rayVersion"].startswith(high)
+    dockerfile = (DEPLOY / "ray" / "Dockerfile").read_text()
+    assert all(f'"{requirement}"' in dockerfile for requirement in extra)

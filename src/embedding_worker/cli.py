@@ -53,8 +53,7 @@ def download(settings: Settings, cache_dir: str | None, onnx_dir: str | None) ->
             print(f"files a serve-mode start loads: listed in {listed}")
 
 
-def bulk(settings: Settings, argv: list[str]) -> None:
-    """`embedding-worker bulk INPUT OUTPUT ...`: a corpus embedded on Ray (api/bulk.py)."""
+def bulk_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedding-worker bulk",
         description="Embed the texts of INPUT (Parquet, JSON lines or CSV) into Parquet files "
@@ -90,7 +89,12 @@ def bulk(settings: Settings, argv: list[str]) -> None:
                                           "this run)")
     parser.add_argument("--checkpoint", help="where the ids written are kept (default: "
                                              "OUTPUT.checkpoint)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def bulk(settings: Settings, argv: list[str]) -> None:
+    """`embedding-worker bulk INPUT OUTPUT ...`: a corpus embedded on Ray (api/bulk.py)."""
+    args = bulk_parser().parse_args(argv)
     try:
         from .api import bulk as job
     except ImportError as exc:  # pragma: no cover - the extra is missing
