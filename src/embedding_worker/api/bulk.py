@@ -5,8 +5,9 @@ The stage runs the service's own core and engine in its process, so a corpus is 
 the same prompts, truncation, dimensions, normalisation and output types as `/v1/embeddings`, and
 the same bytes (floats are taken from the core's base64, as the server sends them). A row the API
 would refuse (an empty text, a text over the window with truncate=NONE) gets its message in the
-`error` column (and zeros for a vector); the other rows of its batch are embedded. Ray (the `bulk` extra)
-is imported by `run` only: the service never imports it, and `Embedder` works without it.
+`error` column (and zeros for a vector); the other rows of its batch are embedded. Ray (the
+`bulk` extra) is imported by `run` only: the service never imports it, and `Embedder` works
+without it. OpenAI batch files (`Requests`, `run_requests`) go through the route table.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class Embedder(_InProcess):
         self.body: dict[str, Any] = {
             "model": model, "input_type": input_type, "prompt_name": prompt_name,
             "dimensions": dimensions, "output_dtype": output_dtype, "truncate": truncate,
-            "normalized": normalized, "encoding_format": "base64" if output_dtype == "float" else "float"}
+            "normalized": normalized,
+            "encoding_format": "base64" if output_dtype == "float" else "float"}
         # options are checked once, here: a bad one fails the job at its start, not each row
         self.dimensions = len(self._vectors(["dimensions"])[0])
 
