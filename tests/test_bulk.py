@@ -108,6 +108,13 @@ def test_the_command_on_a_local_ray_cluster(tmp_path, embedder_settings):
         assert [r[0] for r in rows] == [f"d{i}" for i in range(len(texts))]  # each id once
         np.testing.assert_array_equal(np.asarray([r[1] for r in rows]), expected)
         assert [r[2] for r in rows] == [None] * 30 + ["body: empty string"]
+    # a column the input lacks: said before any model loads
+    done = subprocess.run(
+        [sys.executable, "-m", "embedding_worker", "bulk", str(tmp_path / "in.parquet"),
+         str(tmp_path / "out-none"), "--text-column", "text"], env=env, capture_output=True,
+        text=True, timeout=300)
+    assert done.returncode != 0
+    assert "has no column 'text' (--text-column); its columns: doc, body" in done.stderr
 
 
 @pytest.mark.slow

@@ -216,10 +216,16 @@ def run(source: str, target: str, *, embedder: dict[str, Any], id_column: str | 
         context.checkpoint_config = CheckpointConfig(
             id_column=id_column, checkpoint_path=checkpoint or f"{target.rstrip('/')}.checkpoint",
             delete_checkpoint_on_success=False)
-    # blocks of a few batches each: what a crash loses and a rerun redoes is one block's rows
-    reader = getattr(ray.data, READERS[input_format(source, file_format)])
-    blocks = -(-reader(source).count() // (batch_size * BATCHES_PER_BLOCK))
-    dataset = reader(source, override_num_blocks=max(1, blocks))
+    # blocks of a few batches each (streamed, not shuffled): what a crash loses and a rerun
+    # redoes is one block's rows
+    dataset = getattr(ray.data, READERS[input_format(source, file_format)])(source).repartition(
+        target_num_rows_per_block=batch_size * BATCHES_PER_BLOCK)
+    columns = dataset.schema().names
+    for role, column in (("--text-column", embedder.get("text_column", "text")),
+                         ("--id-column", id_column)):
+        if column is not None and column not in columns:
+            raise SystemExit(f"bulk: {source} has no column {column!r} ({role}); its columns: "
+                             f"{', '.join(columns)}")
     settings = {**embedder.pop("settings", {}), "cpu_threads": threads}
     embedded = dataset.map_batches(
         Embedder, fn_constructor_kwargs={**embedder, "settings": settings},
@@ -235,6 +241,8 @@ def run_requests(source: str, target: str, *, settings: dict[str, Any], workers:
     batch output), on Ray. Lines already answered in `target` (by `custom_id`) are skipped, so a
     killed run is resumed by running it again; a partial last line is dropped first. Returns
     the number of lines answered now."""
+    if not Path(source).is_file():
+        raise SystemExit(f"bulk: no file {source!r} (openai-batch reads a local JSON lines file)")
     done = _answered(target)
     pending = [line for line in Path(source).read_text().splitlines()
                if line.strip() and _custom_id(line) not in done]

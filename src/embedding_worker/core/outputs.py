@@ -1,6 +1,6 @@
 """Outputs beyond one dense vector per text, for models that have them: sparse vectors (SPLADE;
-BGE-M3's lexical weights) and multi-vectors (BGE-M3's ColBERT vectors: a unit vector per token
-but the first), asked for on `/v1/embeddings` (`return_sparse`; Jina's `return_multivector`,
+BGE-M3's lexical weights) and multi-vectors (BGE-M3's ColBERT vectors; a ColBERT model's, its
+query texts marked `Query` for the engine to encode as queries), asked for on `/v1/embeddings` (`return_sparse`; Jina's `return_multivector`,
 with `return_dense`), TEI's `/embed_sparse` and RunPod jobs.
 
 Every output a request asks for comes from one engine call per text: the engine's row of a

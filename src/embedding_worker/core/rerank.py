@@ -1,8 +1,9 @@
 """The rerank family: `POST /v1/rerank` (and its aliases) and the batchable `/batch/rerank`.
 
-A cross-encoder scores each (query, document) pair; a model of multi-vectors (BGE-M3's ColBERT
-vectors) scores by MaxSim: each query vector's best match among the document's, averaged over
-the query's vectors (FlagEmbedding's `colbert_score`; `raw_scores`: their sum).
+A cross-encoder scores each (query, document) pair; a model of multi-vectors (BGE-M3, ColBERT:
+the query encoded as a query, the documents as documents) scores by MaxSim: each query vector's
+best match among the document's, averaged over the query's vectors (FlagEmbedding's
+`colbert_score`; `raw_scores`: their sum, PyLate's `colbert_scores`).
 """
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ class EmbeddingRequest(RequestBody):
                              description="false: the model's own vectors (Jina's field)")
     late_chunking: bool = Field(False, description=(
         "Jina's: the inputs are one document's consecutive chunks; each chunk's vector is read "
-        "in the context of the whole document (mean-pooled models on the CPU engine)"))
+        "in the context of the whole document (mean-pooled text embedders)"))
     return_sparse: bool = Field(False, description=(
         "sparse vectors (a SPLADE model): each item's `sparse_embedding` is {indices, values}"))
     sparse_top_k: int | None = Field(None, ge=1, description=(
@@ -195,7 +195,8 @@ class EmbeddingRequest(RequestBody):
         "with return_sparse: each index's token string, in `sparse_embedding.tokens`"))
     return_multivector: bool = Field(False, description=(
         "Jina's: each item's `embedding` is a list of vectors, one per token (a model with "
-        "multi-vectors: BGE-M3)"))
+        "multi-vectors: BGE-M3, ColBERT; a ColBERT model reads the inputs as documents unless "
+        "input_type, task or prompt_name says query)"))
     return_dense: bool | None = Field(None, description=(
         "with return_multivector or return_sparse: the dense vector too (in `dense_embedding` "
         "beside a multi-vector); default: beside sparse vectors, where the model has one"))

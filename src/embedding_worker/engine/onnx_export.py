@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,10 +30,13 @@ from .m3 import HEADS_FILE as M3_HEADS_FILE
 
 logger = logging.getLogger("embedding_worker")
 
-# A hub model's files needed to export it or to run its shipped ONNX file; the ONNX variants
-# (O1-O4, quantised) and other frameworks' weights are left on the hub.
-HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors", "pytorch_model.bin",
-             "onnx/model.onnx", "onnx/model.onnx_data", *M3_HEADS, colbert.STANFORD_METADATA]
+# What a model's files say of it (configs, tokenizer, BGE-M3's heads, Stanford ColBERT's
+# metadata); with its torch weights, what torch needs of a model of several outputs
+# (`torch_plan`); with its shipped ONNX file, what the export or ONNX Runtime needs (the ONNX
+# variants, O1-O4 and quantised, and other frameworks' weights are left on the hub).
+DESCRIBING_FILES = ["*.json", "*.txt", "*.model", *M3_HEADS, colbert.STANFORD_METADATA]
+TORCH_FILES = [*DESCRIBING_FILES, "*.safetensors", "pytorch_model.bin"]
+HUB_FILES = [*TORCH_FILES, "onnx/model.onnx", "onnx/model.onnx_data"]
 # sentence-transformers modules an ONNX export of the transformer alone reproduces (with
 # engine.ort's pooling and normalisation); any other module (Dense, ...) would be lost.
 KNOWN_MODULES = {"Transformer", "Pooling", "Normalize"}
@@ -101,7 +105,7 @@ def prepare(source: str, cache_root: str, found_in: tuple[str, ...] = ()) -> Onn
     if config.get("vision_config") or config.get("audio_config"):
         raise ConfigError(f"BACKEND=optimum serves text models only; {source} is an image or audio "
                           f"model: use BACKEND=torch")
-    cross_encoder = any("SequenceClassification" in a for a in config.get("architectures") or [])
+    cross_encoder = _cross_encoder(config)
     if cross_encoder and len(config.get("id2label") or {"0": ""}) > 1:
         raise ConfigError(f"BACKEND=optimum serves embedders and rerankers; {source} is a "
                           f"classifier: use BACKEND=torch")
@@ -137,10 +141,11 @@ def torch_plan(source: str, cache_root: str) -> OnnxPlan | None:
     on torch (a GPU, or BACKEND=torch): its heads made beside as for an export, but no ONNX
     file; None for any other model (infinity serves those). Runs in the serving process, which
     has torch."""
-    model_dir = _local_dir(source)
+    # a hub model's describing files first: the weights only for a model this path serves (not
+    # its ONNX files, which torch does not read)
+    model_dir = _local_dir(source, DESCRIBING_FILES)
     config = json.loads((model_dir / "config.json").read_text())
-    if (config.get("vision_config") or config.get("audio_config")
-            or any("SequenceClassification" in a for a in config.get("architectures") or [])):
+    if config.get("vision_config") or config.get("audio_config") or _cross_encoder(config):
         return None
     try:
         plan = _read(model_dir, config, source)
@@ -148,32 +153,44 @@ def torch_plan(source: str, cache_root: str) -> OnnxPlan | None:
         return None
     if not plan.several_outputs:
         return None
+    model_dir = _local_dir(source, TORCH_FILES)
     if not (plan.m3 or plan.colbert):  # SPLADE: nothing beside
         return plan
     kind = "m3" if plan.m3 else "colbert"
     target = Path(cache_root) / _cache_name(model_dir, f"heads+{kind}")
     if not target.is_dir():
-        Path(cache_root).mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".heads-", dir=cache_root))
-        try:
-            (_m3_heads_beside if plan.m3 else _colbert_heads_beside)(model_dir, staging)
-            try:
-                staging.rename(target)
-            except OSError:  # another worker got there first
-                if not target.is_dir():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        _made_in_place(target, lambda staging: (_m3_heads_beside if plan.m3 else
+                                                _colbert_heads_beside)(model_dir, staging))
     return replace(plan, directory=str(target))
 
 
-def _local_dir(source: str) -> Path:
+def _cross_encoder(config: dict) -> bool:
+    return any("SequenceClassification" in a for a in config.get("architectures") or [])
+
+
+def _made_in_place(target: Path, make: Callable[[Path], None]) -> None:
+    """`make` a directory's files in a fresh directory beside `target`, renamed into place, so
+    concurrent workers never read a half-made one (another worker's, if it got there first)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".making-", dir=target.parent))
+    try:
+        make(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another worker got there first
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _local_dir(source: str, files: list[str] = HUB_FILES) -> Path:
     path = Path(os.path.expanduser(source))
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(source, allow_patterns=HUB_FILES))  # honours HF_HUB_OFFLINE
+    return Path(snapshot_download(source, allow_patterns=files))  # honours HF_HUB_OFFLINE
 
 
 def onnx_files(model_dir: Path) -> list[Path]:
@@ -271,24 +288,18 @@ def _export(model_dir: Path, cache_root: Path, task: str, model_type: str,
             logger.info("ONNX export of %s found in %s", model_dir, root / name)
             return root / name
     target = cache_root / name
-    cache_root.mkdir(parents=True, exist_ok=True)
     require_exporter(str(model_dir))
     logger.info("exporting %s to ONNX (once, in a child process; cached in %s)", model_dir, target)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=cache_root))
-    try:
+
+    def export_into(staging: Path) -> None:
         child = subprocess.run(
             [sys.executable, "-m", __name__, str(model_dir), str(staging), task, model_type],
             capture_output=True, text=True)
         if child.returncode != 0:
             last = (child.stderr.strip().splitlines() or ["no output"])[-1]
             raise ConfigError(f"the ONNX export of {model_dir} failed: {last}")
-        try:
-            staging.rename(target)
-        except OSError:  # another worker got there first
-            if not onnx_files(target):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    _made_in_place(target, export_into)
     return target
 
 
