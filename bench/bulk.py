@@ -63,7 +63,7 @@ RAY_START = """
 import json, os, time
 t = time.perf_counter()
 import ray
-ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)
+ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)
 print(json.dumps({"seconds": time.perf_counter() - t}))
 """
 

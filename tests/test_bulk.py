@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import MINILM
-from embedding_worker.api.bulk import Embedder
+from embedding_worker.api.bulk import Embedder, Placement, placement
+from embedding_worker.api.bulk_progress import line
 from embedding_worker.config import bundled_model_path
 from embedding_worker.core.encoding import dumps
 
@@ -69,6 +70,42 @@ def test_rows_the_api_refuses_get_their_message(embedder_settings):
     alone = np.asarray(stage({"text": np.array(["fine", "also fine"], dtype=object)})
                        .column("embedding").to_pylist())
     np.testing.assert_array_equal(vectors[[0, 4]], alone)
+
+
+def test_a_batch_bigger_than_a_request_is_embedded_in_requests(embedder_settings):
+    """A batch of more rows than MAX_INPUT_ITEMS gives what one request would, and each batch's
+    rows are reported done once."""
+    done: list[int] = []
+    small = Embedder(settings={**embedder_settings, "max_input_items": 4}, progress=done.append)
+    texts = np.array([*TEXTS[:9], ""], dtype=object)
+    out = small({"text": texts})
+    whole = Embedder(settings=embedder_settings)({"text": texts})
+    np.testing.assert_array_equal(np.asarray(out.column("embedding").to_pylist()),
+                                  np.asarray(whole.column("embedding").to_pylist()))
+    assert out.column("error").to_pylist() == [None] * 9 + ["text: empty string"]
+    assert done == [10]
+
+
+@pytest.mark.parametrize("cluster, given, expected", [
+    ({"CPU": 4}, {}, Placement(1, 2, 0)),  # a local cluster of 2 cores (and 2 spare CPUs)
+    ({"CPU": 3}, {}, Placement(1, 1, 0)),
+    ({"CPU": 10}, {"workers": 3}, Placement(3, 2, 0)),
+    ({"CPU": 18, "GPU": 4}, {}, Placement(4, 4, 1)),  # one worker per GPU
+    ({"CPU": 18, "GPU": 4}, {"gpus": 0.5}, Placement(8, 2, 0.5)),
+    ({"CPU": 18, "GPU": 4}, {"workers": 2, "cpus": 3}, Placement(2, 3, 1)),
+    ({"CPU": 18, "GPU": 4}, {"gpus": 0}, Placement(1, 16, 0)),
+])
+def test_placement(cluster, given, expected):
+    assert placement(cluster, **given) == expected
+
+
+def test_the_progress_line():
+    assert line(12288, 20000, 257.0) == \
+        "12,288 of 20,000 rows (61 %), 257 rows/s, about 0:00:30 left"
+    assert line(0, 20000, 0.0) == "0 of 20,000 rows (0 %), 0 rows/s"
+    assert line(5000, None, 312.4) == "5,000 rows, 312 rows/s"  # a size not known
+    assert line(4000, 1000, 100.0) == "4,000 of 1,000 rows (100 %), 100 rows/s"
+    assert line(1, 2_000_000, 10.0).endswith("about 55:33:20 left")
 
 
 def test_a_bad_option_fails_at_the_start(embedder_settings):
@@ -217,7 +254,8 @@ class Crashing(bulk.Embedder):
             open(marker, "w").close()
             os._exit(1)
         return super().__call__(batch)
-ray.init(num_cpus=(os.cpu_count() or 1) + bulk.SPARE_CPUS, include_dashboard=False)
+ray.init(address="local", num_cpus=(os.cpu_count() or 1) + bulk.SPARE_CPUS,
+         include_dashboard=False)
 rows = ray.data.from_items([{"id": i, "text": f"text {i}"} for i in range(200)],
                            override_num_blocks=4)
 out = rows.map_batches(Crashing, fn_constructor_kwargs={"settings": {}}, batch_format="pyarrow",
@@ -236,3 +274,86 @@ def test_a_worker_killed_in_a_batch_is_replaced_and_its_batch_redone(tmp_path):
     assert marker.exists()  # it did crash
     found = next(line for line in done.stdout.splitlines() if line.startswith("IDS "))
     assert json.loads(found[4:]) == list(range(200))  # every row, each once
+
+
+@pytest.mark.slow
+def test_the_command_on_an_existing_cluster_with_a_gpu(tmp_path):
+    """`--address` joins a cluster started apart (`ray start --head`, one GPU declared): one
+    worker holds the GPU, relative paths work, progress lines say rows, rate and time left."""
+    import signal
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from server import free_port
+
+    port = free_port()
+    head = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+         f"--port={port}", "--num-cpus=4", "--num-gpus=1", "--include-dashboard=false",
+         "--disable-usage-stats"], env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        texts = [f"{TEXTS[i % 40]} ({i})" for i in range(300)]
+        pq.write_table(pa.table({"id": list(range(300)), "text": texts}), tmp_path / "in.parquet")
+        deadline = time.monotonic() + 120
+        while subprocess.run(["bash", "-c", f"echo > /dev/tcp/127.0.0.1/{port}"],
+                             capture_output=True).returncode:
+            assert time.monotonic() < deadline and head.poll() is None, "no cluster"
+            time.sleep(0.5)
+        done = subprocess.run(
+            [sys.executable, "-m", "embedding_worker", "bulk", "in.parquet", "out",
+             "--id-column", "id", "--batch-size", "20", "--address", f"127.0.0.1:{port}",
+             "--progress-every", "1"],
+            env={**os.environ, "MODEL_NAMES": bundled_model_path(), "RAY_ADDRESS": ""},
+            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # `ray start` and the daemons it started
+        head.wait()
+    said = [line for line in done.stderr.splitlines() if line.startswith("bulk: ")]
+    assert said[0] == "bulk: 1 worker of 2 CPUs, 1 GPU"
+    assert said[1].startswith("bulk: 0 of 300 rows (0 %)") or " of 300 rows (" in said[1]
+    assert said[-1].startswith("bulk: done, 300 rows in ")
+    ids = pq.read_table(tmp_path / "out").column("id").to_pylist()
+    assert sorted(ids) == list(range(300))
+
+
+REMOTE = """
+import json, sys
+import fsspec
+from embedding_worker.api import bulk
+memory = fsspec.filesystem("memory")
+lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/embeddings",
+                     "body": {"model": sys.argv[1], "input": [f"text {i}"], "dimensions": 8,
+                              "encoding_format": "float"}})
+         for i in range(6)]
+memory.pipe("/in/first.jsonl", ("\\n".join(lines[:3]) + "\\n").encode())
+memory.pipe("/in/all.jsonl", ("\\n".join(lines) + "\\n").encode())
+first = bulk.run_requests("memory://in/first.jsonl", "memory://out/answers.jsonl", settings={})
+text = memory.cat("/out/answers.jsonl").decode()
+memory.pipe("/out/answers.jsonl", (text + text.splitlines()[0][:30]).encode())  # a cut line
+again = bulk.run_requests("memory://in/all.jsonl", "memory://out/answers.jsonl", settings={})
+print("RESULT", json.dumps({"first": first, "again": again,
+                            "lines": memory.cat("/out/answers.jsonl").decode().splitlines()}))
+"""
+
+
+@pytest.mark.slow
+def test_an_openai_batch_file_on_a_remote_filesystem(tmp_path):
+    """A batch file read from and answered into a filesystem that is not local (fsspec's memory
+    filesystem, through pyarrow's, as an object store would be): a rerun keeps the answers
+    there, drops a cut line and answers only the rest."""
+    env = {**os.environ, "MODEL_NAMES": bundled_model_path(), "SERVED_MODEL_NAMES": MINILM,
+           "RAY_ADDRESS": ""}
+    done = subprocess.run([sys.executable, "-c", REMOTE, MINILM], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(next(line for line in done.stdout.splitlines()
+                            if line.startswith("RESULT "))[7:])
+    assert (found["first"], found["again"]) == (3, 3)
+    answers = [json.loads(line) for line in found["lines"]]
+    assert [a["custom_id"] for a in answers] == [f"r{i}" for i in range(6)]  # each once, in order
+    assert all(a["response"]["status_code"] == 200 for a in answers)
+    assert all(len(a["response"]["body"]["data"][0]["embedding"]) == 8 for a in answers)

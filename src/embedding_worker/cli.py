@@ -79,16 +79,23 @@ def bulk_parser() -> argparse.ArgumentParser:
     parser.add_argument("--truncate", choices=["END", "START", "NONE"])
     parser.add_argument("--raw", action="store_true", help="the model's own vectors, not "
                                                             "normalised (as normalized: false)")
-    parser.add_argument("--workers", type=int, default=1, help="model processes (Ray actors)")
+    parser.add_argument("--workers", type=int, help="model processes (Ray actors); default: one "
+                                                    "per GPU where the cluster has GPUs, else 1")
     parser.add_argument("--cpus-per-worker", type=int,
                         help="CPUs (and the engine's threads) per worker; default: the "
                              "cluster's CPUs shared by the workers")
+    parser.add_argument("--gpus-per-worker", type=float,
+                        help="GPUs per worker (a fraction shares one); default: 1 where the "
+                             "cluster has GPUs, else 0")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--address", help="an existing Ray cluster (default: RAY_ADDRESS, else "
                                           "a local one of this machine's CPUs, started for "
                                           "this run)")
     parser.add_argument("--checkpoint", help="where the ids written are kept (default: "
                                              "OUTPUT.checkpoint)")
+    parser.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                        help="how often a line of progress (rows, rows/s, time left) is "
+                             "printed to stderr (default: 10)")
     return parser
 
 
@@ -103,6 +110,7 @@ def bulk(settings: Settings, argv: list[str]) -> None:
         answered = job.run_requests(args.input, args.output,
                                     settings=settings.model_dump(exclude_defaults=True),
                                     workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                                    gpus_per_worker=args.gpus_per_worker,
                                     address=args.address or settings.ray_address or None)
         print(f"{answered} requests answered into {args.output}")
         return
@@ -114,8 +122,8 @@ def bulk(settings: Settings, argv: list[str]) -> None:
                 "settings": settings.model_dump(exclude_defaults=True)}
     job.run(args.input, args.output, embedder=embedder, id_column=args.id_column,
             file_format=args.format, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-            batch_size=args.batch_size, address=args.address or settings.ray_address or None,
-            checkpoint=args.checkpoint)
+            gpus_per_worker=args.gpus_per_worker, batch_size=args.batch_size, address=args.address or settings.ray_address or None,
+            checkpoint=args.checkpoint, progress_every=args.progress_every)
 
 
 def main(argv: list[str] | None = None) -> None:

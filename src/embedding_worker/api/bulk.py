@@ -17,9 +17,11 @@ import base64
 import json
 import os
 import re
+import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -60,18 +62,19 @@ class Embedder(_InProcess):
 
     `model`: a served name (default: the first model that embeds); the other options are
     `/v1/embeddings`' fields. `settings`: Settings' fields (MODEL_NAMES as `model_names`, ...)
-    over the environment's."""
+    over the environment's. `progress`: called with each batch's row count once it is done."""
 
     def __init__(self, model: str | None = None, *, text_column: str = "text",
                  input_type: str | None = None, prompt_name: str | None = None,
                  dimensions: int | None = None, output_dtype: str = "float",
                  truncate: str | None = None, normalized: bool = True,
-                 settings: dict[str, Any] | None = None):
+                 settings: dict[str, Any] | None = None,
+                 progress: Callable[[int], None] | None = None):
         if output_dtype not in VALUE_TYPES:
             raise ValueError(f"output_dtype: {output_dtype!r}; expected one of "
                              f"{', '.join(VALUE_TYPES)}")
         super().__init__(settings)
-        self.text_column = text_column
+        self.text_column, self.progress = text_column, progress
         model = model or self.core.models.default("embed")
         self.value_type = VALUE_TYPES[output_dtype]
         self.body: dict[str, Any] = {
@@ -91,6 +94,18 @@ class Embedder(_InProcess):
         return [np.asarray(item["embedding"], dtype=self.value_type) for item in result["data"]]
 
     def embed(self, texts: list[Any]) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """Each text's vector, or its error, in requests of at most MAX_INPUT_ITEMS texts (a
+        batch may be bigger than a request may)."""
+        most = self.core.settings.max_input_items
+        vectors: list[np.ndarray | None] = []
+        errors: list[str | None] = []
+        for at in range(0, len(texts), most):
+            found, failed = self._embed(texts[at:at + most])
+            vectors += found
+            errors += failed
+        return vectors, errors
+
+    def _embed(self, texts: list[Any]) -> tuple[list[np.ndarray | None], list[str | None]]:
         """Each text's vector, or its error: a row the API refuses by name (`input[i]: ...`) is
         set aside and the rest embedded again."""
         vectors: list[np.ndarray | None] = [None] * len(texts)
@@ -127,6 +142,8 @@ class Embedder(_InProcess):
                 values[i] = vector
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), self.dimensions)
         kept = table.drop_columns([self.text_column])
+        if self.progress is not None:
+            self.progress(len(texts))
         return kept.append_column("embedding", embedding).append_column(
             "error", pa.array(errors, type=pa.string()))
 
@@ -184,41 +201,143 @@ def input_format(source: str, given: str | None) -> str:
     return suffix
 
 
-def _start_ray(address: str | None, workers: int, cpus_per_worker: int | None) -> int:
-    """Ray started (a local cluster, or the one at `address`); each worker's CPUs (its threads)."""
+@dataclass(frozen=True)
+class Placement:
+    """How many model processes (Ray actors) a job runs, and what each holds: its CPUs (the
+    engine's threads) and GPUs."""
+    workers: int
+    cpus: int
+    gpus: float
+
+    def __str__(self) -> str:
+        each = f"{self.cpus} CPU{'s' * (self.cpus != 1)}"
+        if self.gpus:
+            each += f", {self.gpus:g} GPU{'s' * (self.gpus != 1)}"
+        return f"{self.workers} worker{'s' * (self.workers != 1)} of {each}"
+
+
+def placement(cluster: dict[str, float], workers: int | None = None, cpus: int | None = None,
+              gpus: float | None = None) -> Placement:
+    """Where a GPU is, one worker per GPU (the engine runs on it); else one worker of every CPU
+    but the spare ones Ray Data's tasks take. What is given wins."""
+    found = int(cluster.get("GPU", 0))
+    if gpus is None:
+        gpus = 1.0 if found else 0.0
+    if workers is None:
+        workers = max(1, int(found // gpus)) if gpus and found else 1
+    if cpus is None:
+        cpus = max(1, (int(cluster.get("CPU", 1)) - SPARE_CPUS) // workers)
+    return Placement(workers, cpus, gpus)
+
+
+def _start_ray(address: str | None, workers: int | None, cpus: int | None,
+               gpus: float | None) -> Placement:
+    """Ray started (a local cluster of this machine, or the one at `address`), and the job's
+    placement on it, said on stderr."""
     import ray
 
-    if address:
+    if ray.is_initialized():  # called from a program of the user's own on Ray
+        pass
+    elif address:
         ray.init(address=address)
-        machine = max(1, int(ray.cluster_resources().get("CPU", 1)) - SPARE_CPUS)
-    else:  # a local cluster of this machine's CPUs, and the spare ones Ray Data's tasks take
-        machine = os.cpu_count() or 1
-        ray.init(num_cpus=machine + SPARE_CPUS, include_dashboard=False)
-    return cpus_per_worker or max(1, machine // workers)
+    else:  # this machine's CPUs, and the spare ones Ray Data's tasks take
+        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + SPARE_CPUS,
+                 include_dashboard=False)
+    cluster = ray.cluster_resources()
+    where = placement(cluster, workers, cpus, gpus)
+    if where.gpus and not cluster.get("GPU") and not address:
+        raise SystemExit(f"bulk: {where.gpus:g} GPU per worker asked, and this machine has none")
+    print(f"bulk: {where}", file=sys.stderr, flush=True)
+    return where
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    """The filesystem of a path or URI, and the path in it: pyarrow's (s3://, gs://, abfs://,
+    hdfs://, file://), else fsspec's for its schemes (memory://, hf://, those of gcsfs, adlfs,
+    ... where installed)."""
+    import pyarrow as pa
+    from pyarrow import fs
+
+    if "://" not in uri:
+        return fs.LocalFileSystem(), os.path.abspath(uri)
+    try:
+        return fs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid:
+        import fsspec
+
+        try:
+            filesystem, path = fsspec.core.url_to_fs(uri)
+        except (ValueError, ImportError) as exc:
+            raise SystemExit(f"bulk: cannot reach {uri!r}: {exc}") from exc
+        return fs.PyFileSystem(fs.FSSpecHandler(filesystem)), path
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def row_count(source: str, file_format: str) -> int | None:
+    """The rows to embed, where they can be known cheaply: Parquet from its footers (local or
+    remote), local JSON lines by their lines; else None (the progress shows no end)."""
+    import pyarrow.dataset as ds
+
+    if file_format == "parquet":
+        filesystem, path = _filesystem(source)
+        return ds.dataset(path, format="parquet", filesystem=filesystem).count_rows()
+    if file_format != "jsonl" or "://" in source:
+        return None
+    files = [source] if os.path.isfile(source) else sorted(
+        str(f) for f in Path(source).rglob("*") if f.is_file())
+    rows = 0
+    for name in files:
+        with open(name, "rb") as stream:
+            rows += sum(chunk.count(b"\n") for chunk in iter(lambda: stream.read(1 << 24), b""))
+    return rows
+
+
+def _checkpointed(path: str) -> int:
+    """Rows Ray Data's checkpoint says are written (a rerun skips them)."""
+    import pyarrow.dataset as ds
+
+    filesystem, inner = _filesystem(path)
+    try:
+        return ds.dataset(inner, format="parquet", filesystem=filesystem).count_rows()
+    except (FileNotFoundError, OSError, ValueError):
+        return 0
 
 
 def run(source: str, target: str, *, embedder: dict[str, Any], id_column: str | None,
-        file_format: str | None = None, workers: int = 1, cpus_per_worker: int | None = None,
-        batch_size: int = 256, address: str | None = None,
-        checkpoint: str | None = None) -> None:
+        file_format: str | None = None, workers: int | None = None, cpus_per_worker: int | None = None,
+        gpus_per_worker: float | None = None, batch_size: int = 256, address: str | None = None,
+        checkpoint: str | None = None, progress_every: float = 10.0) -> None:
     """Embed the texts of `source` (Parquet, JSON lines or CSV: a path, a directory, or what
     pyarrow's filesystems reach) into Parquet files under `target`, on Ray: a local cluster
     started for it, or the one at `address` (RAY_ADDRESS). With `id_column`, Ray Data's
-    checkpoint keeps the ids written, so a rerun after a crash embeds only the rest."""
+    checkpoint keeps the ids written, so a rerun after a crash embeds only the rest. Progress
+    (rows, rows/s, time left) goes to stderr every `progress_every` seconds."""
+    import ray
     import ray.data
 
-    threads = _start_ray(address, workers, cpus_per_worker)
+    from .bulk_progress import Counter, Reporter, Tally
+
+    file_format = input_format(source, file_format)
+    # Ray Data's checkpoint takes only absolute paths; the workers' directory is not ours
+    source, target = _absolute(source), _absolute(target)
+    where = _start_ray(address, workers, cpus_per_worker, gpus_per_worker)
     context = ray.data.DataContext.get_current()
+    total = row_count(source, file_format)
     if id_column is not None:
         from ray.data.checkpoint import CheckpointConfig
 
+        checkpoint = _absolute(checkpoint or f"{target.rstrip('/')}.checkpoint")
         # kept after success too: a rerun of a finished job then writes nothing twice
         context.checkpoint_config = CheckpointConfig(
-            id_column=id_column, checkpoint_path=checkpoint or f"{target.rstrip('/')}.checkpoint",
-            delete_checkpoint_on_success=False)
+            id_column=id_column, checkpoint_path=checkpoint, delete_checkpoint_on_success=False)
+        if total is not None:
+            total = max(0, total - _checkpointed(checkpoint))
     # blocks of a few batches each (streamed, not shuffled): what a crash loses and a rerun
     # redoes is one block's rows
-    dataset = getattr(ray.data, READERS[input_format(source, file_format)])(source).repartition(
+    dataset = getattr(ray.data, READERS[file_format])(source).repartition(
         target_num_rows_per_block=batch_size * BATCHES_PER_BLOCK)
     columns = dataset.schema().names
     for role, column in (("--text-column", embedder.get("text_column", "text")),
@@ -226,40 +345,62 @@ def run(source: str, target: str, *, embedder: dict[str, Any], id_column: str | 
         if column is not None and column not in columns:
             raise SystemExit(f"bulk: {source} has no column {column!r} ({role}); its columns: "
                              f"{', '.join(columns)}")
-    settings = {**embedder.pop("settings", {}), "cpu_threads": threads}
+    counter = ray.remote(Counter).options(num_cpus=0).remote()
+    settings = {**embedder.pop("settings", {}), "cpu_threads": where.cpus}
     embedded = dataset.map_batches(
-        Embedder, fn_constructor_kwargs={**embedder, "settings": settings},
-        batch_format="pyarrow", batch_size=batch_size, concurrency=workers, num_cpus=threads)
-    embedded.write_parquet(target, min_rows_per_file=1,
-                           max_rows_per_file=batch_size * BATCHES_PER_BLOCK)
+        Embedder, fn_constructor_kwargs={**embedder, "settings": settings,
+                                         "progress": Tally(counter)},
+        batch_format="pyarrow", batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=where.workers), num_cpus=where.cpus,
+        num_gpus=where.gpus or None)
+    with Reporter(counter, total, every=progress_every):
+        embedded.write_parquet(target, min_rows_per_file=1,
+                               max_rows_per_file=batch_size * BATCHES_PER_BLOCK)
 
 
-def run_requests(source: str, target: str, *, settings: dict[str, Any], workers: int = 1,
-                 cpus_per_worker: int | None = None, batch_size: int = 16,
+def run_requests(source: str, target: str, *, settings: dict[str, Any],
+                 workers: int | None = None, cpus_per_worker: int | None = None,
+                 gpus_per_worker: float | None = None, batch_size: int = 16,
                  address: str | None = None) -> int:
-    """An OpenAI batch input file (JSON lines) answered into `target` (JSON lines of OpenAI's
-    batch output), on Ray. Lines already answered in `target` (by `custom_id`) are skipped, so a
-    killed run is resumed by running it again; a partial last line is dropped first. Returns
-    the number of lines answered now."""
-    if not Path(source).is_file():
-        raise SystemExit(f"bulk: no file {source!r} (openai-batch reads a local JSON lines file)")
-    done = _answered(target)
-    pending = [line for line in Path(source).read_text().splitlines()
-               if line.strip() and _custom_id(line) not in done]
+    """An OpenAI batch input file (JSON lines; a path or a URI pyarrow's filesystems reach)
+    answered into `target` (JSON lines of OpenAI's batch output, local or remote), on Ray.
+    Lines already answered in `target` (by `custom_id`) are skipped, so a killed run is resumed
+    by running it again. A local target is appended to line by line (a partial last line is
+    dropped first); a remote one (an object store cannot append) is written anew with the lines
+    it had and the new ones, and appears whole when the run ends. Returns the number of lines
+    answered now."""
+    source_fs, source_path = _filesystem(source)
+    from pyarrow import fs
+
+    if source_fs.get_file_info(source_path).type != fs.FileType.File:
+        raise SystemExit(f"bulk: no file {source!r} (openai-batch reads one JSON lines file)")
+    target_fs, target_path = _filesystem(target)
+    kept = _answered(target_fs, target_path)
+    done = {_custom_id(line) for line in kept}
+    with source_fs.open_input_stream(source_path) as stream:
+        lines = stream.read().decode().splitlines()
+    pending = [line for line in lines if line.strip() and _custom_id(line) not in done]
     if not pending:
         return 0
     import ray.data
 
-    threads = _start_ray(address, workers, cpus_per_worker)
+    where = _start_ray(address, workers, cpus_per_worker, gpus_per_worker)
     answers = ray.data.from_items([{"line": line} for line in pending]).map_batches(
-        Requests, fn_constructor_kwargs={"settings": {**settings, "cpu_threads": threads}},
-        batch_format="pyarrow", batch_size=batch_size, concurrency=workers, num_cpus=threads)
+        Requests, fn_constructor_kwargs={"settings": {**settings, "cpu_threads": where.cpus}},
+        batch_format="pyarrow", batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=where.workers), num_cpus=where.cpus,
+        num_gpus=where.gpus or None)
+    local = isinstance(target_fs, fs.LocalFileSystem)
     written = 0
-    with open(target, "a") as out:  # only the driver writes: a line is whole once flushed
+    # only the driver writes: locally a line is whole once flushed
+    with (open(target_path, "a") if local else
+          target_fs.open_output_stream(target_path)) as out:
+        if not local:
+            out.write("".join(line + "\n" for line in kept).encode())
         for batch in answers.iter_batches(batch_format="pyarrow"):
-            for line in batch.column("line").to_pylist():
-                out.write(line + "\n")
-                written += 1
+            text = "".join(line + "\n" for line in batch.column("line").to_pylist())
+            out.write(text if local else text.encode())
+            written += batch.num_rows
             out.flush()
     return written
 
@@ -271,13 +412,17 @@ def _custom_id(line: str) -> Any:
         return None
 
 
-def _answered(target: str) -> set[Any]:
-    """The custom_ids answered in `target`; a last line cut short by a kill is removed."""
-    path = Path(target)
-    if not path.is_file():
-        return set()
-    text = path.read_text()
+def _answered(filesystem: Any, path: str) -> list[str]:
+    """The lines answered in `path` already; a last line cut short by a kill is dropped (and,
+    on a local file, removed from it)."""
+    from pyarrow import fs
+
+    if filesystem.get_file_info(path).type != fs.FileType.File:
+        return []
+    with filesystem.open_input_stream(path) as stream:
+        text = stream.read().decode()
     if text and not text.endswith("\n"):
         text = text[:text.rfind("\n") + 1]
-        path.write_text(text)
-    return {_custom_id(line) for line in text.splitlines()}
+        if isinstance(filesystem, fs.LocalFileSystem):
+            Path(path).write_text(text)
+    return text.splitlines()
