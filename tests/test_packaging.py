@@ -10,7 +10,8 @@ from embedding_worker.config import Settings, model_cache_dir, onnx_cache_dir
 # Read from the environment but set by platforms or the user, not configuration knobs.
 NOT_KNOBS = {"runpod_pod_id", "runpod_endpoint_id", "runpod_webhook_get_job", "hf_home",
              "hf_hub_cache", "xdg_cache_home", "host", "port",
-             "ray_address"}  # `embedding-worker bulk`'s, not a worker's
+             "ray_address",  # `embedding-worker bulk`'s, not a worker's
+             "public_pages"}  # the browser pages: a RunPod worker serves no HTTP of its own
 
 
 def test_hub_json_lists_every_setting_with_its_default():

@@ -131,6 +131,7 @@ class Settings(BaseSettings):
     # --- auth, logs ---
     api_key: str = Field("", repr=False)  # one key, or several separated by ';' or ','
     metrics_require_auth: bool = False
+    public_pages: bool = False  # /docs and the playground at / open without API_KEY's key
     log_requests: bool = True
     # --- image inputs (modality=image) ---
     http_client_user_agent: str = (

@@ -26,7 +26,7 @@ from ..core.encoding import dumps
 from ..core.errors import APIError, BadRequest, InternalError, MethodNotAllowed, NotFound
 from ..core.schemas import ErrorResponse, RunSyncRequest, RunSyncResponse, runsync_response
 from ..observability.logs import annotate
-from . import openapi
+from . import openapi, pages
 from .jobs import run_job
 from .routes import ROUTES, TEI_ROUTES, Operation, Route, dialect_of
 
@@ -150,6 +150,7 @@ def create_app(core: Core) -> Starlette:
         return Response(dumps(spec), media_type=JSON)
 
     routes.append(StarletteRoute("/v1/openapi.json", openapi_json, methods=["GET"]))
+    routes.extend(pages.routes())  # /docs and the playground: after every API route
 
     async def unknown_route(request: Request) -> Response:
         # Last route of the mounted app: BentoML's own routes match first, everything else

@@ -14,6 +14,7 @@ from typing import Any
 from ..config import Settings
 from ..core.encoding import dumps
 from ..core.errors import APIError, NotFound, PayloadTooLarge, Unauthorized
+from .pages import is_page
 from .routes import dialect_of
 from ..observability.logs import request_log
 
@@ -30,6 +31,7 @@ class RequestGuard:
         self.log_requests = settings.log_requests
         self.open_paths = PROBES if settings.metrics_require_auth else (*PROBES, "/metrics")
         self.quiet_paths = (*PROBES, "/metrics")  # no log line for probes and scrapes
+        self.public_pages = settings.public_pages
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -49,7 +51,8 @@ class RequestGuard:
                 await send(message)
 
             try:
-                if self.keys and path not in self.open_paths and not self._authorized(scope):
+                if self.keys and path not in self.open_paths and not self._authorized(scope) \
+                        and not (self.public_pages and is_page(scope["method"], path)):
                     raise Unauthorized(
                         "missing or invalid API key; send the header `Authorization: Bearer <key>`"
                     )

@@ -34,6 +34,10 @@ ERRORS = {
 }
 
 
+SECURITY = {"bearer": {"type": "http", "scheme": "bearer",
+                       "description": "one of API_KEY's keys, when the server has API_KEY"}}
+
+
 def error_model(route: Route) -> Any:
     """TEI's routes answer errors in TEI's shape; `/rerank` in either (the body decides)."""
     if route.dialect == "tei":
@@ -90,4 +94,7 @@ def document(operations: list[Operation], title: str, summary: str, version: str
                                     "schema": {"type": "string"}}]
         paths.setdefault(path, {})[op.method.lower()] = entry
     return {"openapi": "3.1.0", "info": {"title": title, "summary": summary, "version": version},
-            "paths": paths, "components": {"schemas": definitions.get("$defs", {})}}
+            "paths": paths, "components": {"schemas": definitions.get("$defs", {}),
+                                           "securitySchemes": SECURITY},
+            # {}: no key needed (a server without API_KEY); else the bearer key
+            "security": [{}, {"bearer": []}]}
