@@ -27,6 +27,7 @@ from embedding_worker.api import pages
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "docs" / "images"
+KEY = "sesame-in-the-browser"
 TEXTS = ["A man is eating food.", "A man is eating a piece of bread.",
          "The girl is carrying a baby.", "A man is riding a horse."]
 
@@ -73,13 +74,15 @@ def browser():
 
 @pytest.fixture(scope="module")
 def m3_server(tmp_path_factory):
-    """A tiny BGE-M3: dense, sparse and multi-vector outputs."""
+    """A tiny BGE-M3 (dense, sparse and multi-vector outputs) behind API_KEY, its pages public."""
     from models import make_tiny_m3
     from server import BentoServer
 
     path = make_tiny_m3(tmp_path_factory.mktemp("m3") / "tiny-m3")
+    # with a key, and the pages opened by the operator: the page asks for the key
     srv = BentoServer({"MODEL_NAMES": str(path), "SERVED_MODEL_NAMES": "tiny-m3", "DTYPES": "fp32",
-                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "API_KEY": KEY,
+                       "PUBLIC_PAGES": "true"},
                       tmp_path_factory.mktemp("m3-server") / "server.log")
     yield srv.start()
     srv.stop()
@@ -115,18 +118,21 @@ def open_playground(page, server, model: str) -> None:
     page.select_option("#model", model)
 
 
-def api(server, path: str, body: dict) -> dict:
-    response = httpx.post(server.url + path, json=body, timeout=60)
+def api(server, path: str, body: dict, key: str | None = None) -> dict:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = httpx.post(server.url + path, json=body, headers=headers, timeout=60)
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def run_snippet(page, section: str) -> dict:
-    """The Python lines the page shows for its request, run as they are."""
-    code = page.inner_text(f"#{section} pre.snippet-python")
-    done = subprocess.run([sys.executable, "-c", code.replace("print(response.json())",
-                                                              "import json; print(json.dumps(response.json()))")],
-                          capture_output=True, text=True, timeout=60)
+def run_snippet(page, section: str, key: str | None = None) -> dict:
+    """The Python lines the page shows for its request, run as they are (the key, if any, in
+    API_KEY as they expect)."""
+    code = page.inner_text(f"#{section} pre.snippet-python").replace(
+        "print(response.json())", "import json; print(json.dumps(response.json()))")
+    env = {**os.environ, **({"API_KEY": key} if key else {})}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -212,15 +218,27 @@ def test_sparse_vectors_and_multi_vectors(page, m3_server, shots):
     """A model with sparse and multi-vector outputs: SPLADE's dot products and ColBERT's MaxSim
     between the texts, from the API's vectors."""
     texts = TEXTS[:3]
-    open_playground(page, m3_server, "tiny-m3")
+    page.goto(m3_server.url + "/")  # public: the page loads; the API asks for the key
+    page.wait_for_selector("#model-bar .error:not([hidden])")
+    assert "401" in page.inner_text("#model-bar .error") and "API key" in page.inner_text(
+        "#model-bar .error")
+    page.fill("#key", KEY)
+    page.dispatch_event("#key", "change")
+    page.wait_for_selector("#model option[value='tiny-m3']", state="attached")
+    assert page.is_hidden("#model-bar .error")
     page.fill("#embed-texts", "\n".join(texts))
     page.select_option("#embed-kind", "sparse")
     page.click("#embed-run")
     page.wait_for_selector("#embed-out[data-done='1'] table.heatmap")
     cells = "cells => cells.map(c => Number(c.dataset.value))"
     shown = np.array(page.eval_on_selector_all("#embed-out td[data-value]", cells)).reshape(3, 3)
-    sparse = [d["sparse_embedding"] for d in api(m3_server, "/v1/embeddings", {
-        "model": "tiny-m3", "input": texts, "return_sparse": True})["data"]]
+    body = {"model": "tiny-m3", "encoding_format": "float", "input": texts,
+            "return_sparse": True, "sparse_tokens": True}
+    sparse = [d["sparse_embedding"] for d in api(m3_server, "/v1/embeddings", body, KEY)["data"]]
+    assert run_snippet(page, "embed", KEY)["data"] == api(m3_server, "/v1/embeddings", body,
+                                                          KEY)["data"]
+    assert 'Authorization: Bearer $API_KEY' in page.inner_text("#embed pre.snippet-curl")
+    assert KEY not in page.inner_text("#embed .snippets")  # the key itself is never shown
     np.testing.assert_allclose(shown, [[sparse_dot(a, b) for b in sparse] for a in sparse],
                                rtol=1e-6, atol=1e-9)
     assert page.locator("#embed-out ol.terms li").count() == 3
@@ -230,7 +248,7 @@ def test_sparse_vectors_and_multi_vectors(page, m3_server, shots):
     page.wait_for_selector("#embed-out[data-done='2'] table.heatmap")
     shown = np.array(page.eval_on_selector_all("#embed-out td[data-value]", cells)).reshape(3, 3)
     multi = [np.array(d["embedding"]) for d in api(m3_server, "/v1/embeddings", {
-        "model": "tiny-m3", "input": texts, "return_multivector": True})["data"]]
+        "model": "tiny-m3", "input": texts, "return_multivector": True}, KEY)["data"]]
     maxsim = [[(q @ d.T).max(axis=1).mean() for d in multi] for q in multi]
     np.testing.assert_allclose(shown, maxsim, rtol=1e-6, atol=1e-9)
 
