@@ -1,0 +1,101 @@
+"""Audio decoding (core/audio.py): every format it names, decoded into one channel at the model's
+rate with its content kept; the same bytes always give the same samples; clips too long (whatever
+their header says), at an odd rate, of too many channels, or not audio at all are refused by name."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from embedding_worker.core.audio import AudioError, AudioPolicy, decode, resample
+
+FORMATS = [("WAV", "PCM_16", 44100), ("WAV", "FLOAT", 16000), ("FLAC", "PCM_24", 44100),
+           ("OGG", "VORBIS", 44100), ("OGG", "OPUS", 48000), ("MP3", "MPEG_LAYER_III", 44100)]
+
+
+def tone(rate: int, seconds: float, hertz: float = 1000.0, channels: int = 2) -> np.ndarray:
+    t = np.arange(round(rate * seconds)) / rate
+    left = 0.5 * np.sin(2 * np.pi * hertz * t)
+    # the other channels are quiet copies: the mono mix is their mean
+    return np.stack([left] + [0.1 * left] * (channels - 1), axis=1).astype(np.float32)
+
+
+def encoded(samples: np.ndarray, rate: int, fmt: str = "WAV", subtype: str = "PCM_16") -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+def peak_hertz(samples: np.ndarray, rate: int) -> float:
+    return float(np.argmax(np.abs(np.fft.rfft(samples))) * rate / len(samples))
+
+
+@pytest.mark.parametrize("fmt, subtype, rate", FORMATS)
+def test_each_format_decodes_to_one_channel_at_the_models_rate(fmt, subtype, rate):
+    data = encoded(tone(rate, 2.0), rate, fmt, subtype)
+    clip = decode(data, 48000)
+    assert clip.samples.dtype == np.float32 and clip.samples.ndim == 1
+    assert abs(clip.seconds - 2.0) < 0.01
+    assert abs(len(clip.samples) - 96000) <= 48  # lossy codecs' padding: a millisecond at most
+    assert abs(peak_hertz(clip.samples, 48000) - 1000) < 1  # the tone is where it was
+    loudness = np.sqrt(np.mean(clip.samples[4800:-4800] ** 2))  # (0.5 + 0.1) / 2 / sqrt(2)
+    assert abs(loudness - 0.3 / np.sqrt(2)) < 0.03
+    again = decode(data, 48000)
+    np.testing.assert_array_equal(again.samples, clip.samples)  # the same bytes, the same samples
+
+
+def test_the_models_own_rate_passes_untouched():
+    mono = tone(48000, 0.5, channels=1)
+    clip = decode(encoded(mono, 48000, "WAV", "FLOAT"), 48000)
+    np.testing.assert_array_equal(clip.samples, mono[:, 0])
+    np.testing.assert_array_equal(resample(clip.samples, 48000, 48000), clip.samples)
+    # 44.1 kHz -> 48 kHz by 160/147: a second is a second
+    assert len(resample(np.zeros(44100, np.float32), 44100, 48000)) == 48000
+
+
+def test_a_clip_over_the_cap_is_refused_whatever_its_header_says():
+    rate = 8000
+    long = encoded(tone(rate, 5.0, channels=1), rate)
+    with pytest.raises(AudioError, match=r"longer than 4 s \(AUDIO_MAX_SECONDS\)"):
+        decode(long, 16000, AudioPolicy(max_seconds=4))
+    assert decode(long, 16000, AudioPolicy(max_seconds=5)).seconds == 5.0
+    # a WAV whose header gives no length (0xFFFFFFFF, as a stream writes it): read until the cap,
+    # not trusted, not read whole
+    header = long[:44]
+    assert header[36:40] == b"data"
+    endless = header[:4] + struct.pack("<I", 0xFFFFFFFF) + header[8:40] + \
+        struct.pack("<I", 0xFFFFFFFF) + long[44:] * 20
+    with pytest.raises(AudioError, match="longer than 4 s"):
+        decode(endless, 16000, AudioPolicy(max_seconds=4))
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"hello, not a sound", r"not audio this server reads \(WAV, FLAC, Ogg \(Vorbis, Opus\) or "
+                            r"MP3\): Format not recognised"),
+    (b"", "not audio this server reads"),
+    (encoded(tone(2000, 1.0, channels=1), 2000), "sampling rate 2000 Hz is outside 4000-192000 Hz"),
+    (encoded(tone(8000, 1.0, channels=12), 8000), "12 channels; at most 8"),
+    (encoded(np.zeros((0, 1), np.float32), 8000), "the audio holds no samples"),
+    (encoded(np.full((800, 1), np.nan, np.float32), 8000, "WAV", "FLOAT"),
+     "samples that are not finite numbers"),
+])
+def test_what_is_refused(data, message):
+    with pytest.raises(AudioError, match=message):
+        decode(data, 48000)
+
+
+def test_a_cut_file_gives_what_it_holds_or_a_named_error():
+    """A file cut short (a truncated upload) never crashes the decoder nor hangs."""
+    for fmt, subtype, rate in FORMATS:
+        data = encoded(tone(rate, 2.0), rate, fmt, subtype)
+        for cut in (len(data) // 3, len(data) // 2, len(data) - 7):
+            try:
+                clip = decode(data[:cut], 48000)
+            except AudioError as exc:
+                assert str(exc)
+            else:
+                assert 0 < clip.seconds <= 2.0 and np.isfinite(clip.samples).all()
