@@ -257,3 +257,46 @@ def make_tiny_bert(path: Path, seed: int = 3) -> Path:
     BertModel(_tiny_bert_config()).save_pretrained(path)
     AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(path)
     return path
+
+
+CLAP_SENTENCES = ["a dog barks in the distance", "rain falls on a tin roof",
+                  "a violin plays a slow melody", "people talk in a busy cafe",
+                  "the sound of waves on the shore", "a car engine starts"]
+
+
+def make_tiny_clap_audio(path: Path, *, fusion: bool) -> Path:
+    """A tiny CLAP (audio and text; random weights) as LAION's are saved: an HTSAT audio encoder
+    (fused or not) at 48 kHz over 1-second windows, a RoBERTa text encoder of 80 positions with a
+    byte-level BPE tokenizer trained here on a few sentences, and their feature extractor."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import (ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel,
+                              ClapProcessor, ClapTextConfig, RobertaTokenizerFast)
+
+    path.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CLAP_SENTENCES * 20, vocab_size=300, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    (path / "bpe").mkdir(exist_ok=True)
+    bpe.save_model(str(path / "bpe"))
+    tokenizer = RobertaTokenizerFast(vocab_file=str(path / "bpe/vocab.json"),
+                                     merges_file=str(path / "bpe/merges.txt"), model_max_length=78)
+    text = ClapTextConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=80,
+                          projection_dim=16, pad_token_id=tokenizer.pad_token_id)
+    # spec_size 128 over 64 mel bins: up to 256 frames, a 1-second window's 101 fit
+    audio = ClapAudioConfig(window_size=4, num_mel_bins=64, spec_size=128, patch_size=4,
+                            patch_stride=[4, 4], hidden_size=32, projection_dim=16, depths=[1, 1],
+                            num_attention_heads=[2, 2], patch_embeds_hidden_size=16,
+                            enable_fusion=fusion, fusion_type="aff_2d" if fusion else None,
+                            num_hidden_layers=2)
+    torch.manual_seed(5 if fusion else 4)
+    model = ClapModel(ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(),
+                                 projection_dim=16)).eval()
+    extractor = ClapFeatureExtractor(feature_size=64, sampling_rate=48000, hop_length=480,
+                                     max_length_s=1, fft_window_size=1024,
+                                     truncation="fusion" if fusion else "rand_trunc",
+                                     padding="repeatpad")
+    model.save_pretrained(path)
+    ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(path)
+    return path
