@@ -11,7 +11,8 @@ right (docs/architecture.md):
 - text is cut at the text model's window (512 tokens for LAION's), not at 20 tokens.
 
 The samples come decoded, one channel at the model's rate (core/audio.py). This is the numerical
-part; it reads two private methods of transformers' extractor, checked when a model loads.
+part; the extractor's private methods it relies on are touched in compat.py only, checked when
+a model loads.
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ from typing import Any
 
 import numpy as np
 
-# the extractor's methods this relies on (transformers 4.57): a change there fails the load, not
-# a request
-_EXTRACTOR_METHODS = ("_get_input_mel", "_np_extract_fbank_features", "_random_mel_fusion")
-
+from .compat import clap_input_mel
 
 class Clap:
     def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0):
@@ -38,12 +36,8 @@ class Clap:
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         extractor = ClapFeatureExtractor.from_pretrained(str(path))
-        missing = [name for name in _EXTRACTOR_METHODS if not hasattr(extractor, name)]
-        if missing:
-            raise RuntimeError(f"transformers' ClapFeatureExtractor has no {', '.join(missing)}: "
-                               "engine/clap.py needs updating for this transformers")
-        # the random draw of a long clip's three windows, made the middle of each range
-        extractor._random_mel_fusion = _middle_windows  # type: ignore[method-assign]
+        # a long clip's three windows: the middle of each third, not drawn at random
+        self._input_mel = clap_input_mel(extractor, _middle_windows)
         self.extractor = extractor
         text = self.model.config.text_config
         # RoBERTa's positions start after the padding index: the last usable one is the window
@@ -58,9 +52,7 @@ class Clap:
         wave = np.asarray(samples, dtype=np.float64)
         if not self.fusion and len(wave) > self.max_samples:
             wave = wave[: self.max_samples]
-        mel, longer = self.extractor._get_input_mel(wave, self.max_samples,
-                                                    self.extractor.truncation,
-                                                    self.extractor.padding)
+        mel, longer = self._input_mel(wave, self.max_samples)
         return np.asarray(mel, dtype=np.float32), bool(longer)
 
     def embed_audio(self, clips: list[np.ndarray]) -> np.ndarray:

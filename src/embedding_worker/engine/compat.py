@@ -7,6 +7,9 @@ they will read or replace and check its type; a missing or changed one raises
 `IncompatibleInfinity`, which stops the process with one line naming it (an upgrade must fail at
 start-up, never serve silently different numbers). Nothing outside this module reads an infinity
 attribute that starts with an underscore or replaces one of its methods.
+
+One more library's internals are touched, here too: transformers' CLAP feature extractor (see
+`clap_input_mel`, for engine/clap.py).
 """
 
 from __future__ import annotations
@@ -322,3 +325,25 @@ def _text_tokens(self: Any, texts: list[str]) -> list[int]:
     encoded = self._infinity_tokenizer(texts, add_special_tokens=False, padding=False,
                                        truncation=True)
     return [len(ids) for ids in encoded["input_ids"]]
+
+
+# --- transformers' CLAP feature extractor (engine/clap.py) ------------------------------------
+
+CLAP_EXTRACTOR = ("_get_input_mel", "_np_extract_fbank_features", "_random_mel_fusion")
+
+
+def clap_input_mel(extractor: Any, windows: Callable) -> Callable[[Any, int], tuple[Any, bool]]:
+    """The extractor's one-clip path (a clip's model input, and whether it counts as long), with
+    `windows(mel, total_frames, chunk_frames)` in place of its random draw of a long clip's three
+    windows. Its methods are checked first (transformers 4.57's): a change fails the model's load."""
+    missing = [name for name in CLAP_EXTRACTOR if not callable(getattr(extractor, name, None))]
+    if missing:
+        raise RuntimeError(f"transformers' ClapFeatureExtractor has no {', '.join(missing)}: "
+                           "engine/compat.py's CLAP part needs updating for this transformers")
+    extractor._random_mel_fusion = windows
+
+    def input_mel(wave: Any, max_samples: int) -> tuple[Any, bool]:
+        return extractor._get_input_mel(wave, max_samples, extractor.truncation,
+                                        extractor.padding)
+
+    return input_mel
