@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -57,16 +58,19 @@ def test_the_stage_gives_the_servers_bytes(dialect_server, embedder_settings, op
 
 
 def test_rows_the_api_refuses_get_their_message(embedder_settings):
-    stage = Embedder(settings={**embedder_settings, "truncate_inputs": False})
-    texts = ["fine", "", None, "word " * 400, "also fine"]
-    out = stage({"id": np.arange(5), "text": np.array(texts, dtype=object)})
+    stage = Embedder(settings={**embedder_settings, "truncate_inputs": False,
+                               "max_text_chars": 2500})
+    texts = ["fine", "", None, "word " * 400, "also fine", "a " * 1300]
+    out = stage({"id": np.arange(6), "text": np.array(texts, dtype=object)})
     errors = out.column("error").to_pylist()
     assert errors[0] is None and errors[4] is None
     assert errors[1] == "text: empty string"
     assert errors[2] == "text: expected a string, got null"
     assert errors[3].startswith("text: it is 402 tokens, over the model's window of 256")
+    # a 413 of one row's (MAX_TEXT_CHARS) is that row's too, not the job's
+    assert errors[5] == "text: 2600 characters, at most 2500 per text (MAX_TEXT_CHARS)"
     vectors = np.asarray(out.column("embedding").to_pylist())
-    assert not vectors[[1, 2, 3]].any()  # zeros where the row failed
+    assert not vectors[[1, 2, 3, 5]].any()  # zeros where the row failed
     alone = np.asarray(stage({"text": np.array(["fine", "also fine"], dtype=object)})
                        .column("embedding").to_pylist())
     np.testing.assert_array_equal(vectors[[0, 4]], alone)
@@ -173,7 +177,8 @@ def test_a_killed_job_rerun_writes_each_id_once(tmp_path):
                        source / f"part-{part}.parquet")
     target = tmp_path / "out"
     command = [sys.executable, "-m", "embedding_worker", "bulk", str(source), str(target),
-               "--format", "parquet", "--id-column", "id", "--batch-size", "25"]
+               "--format", "parquet", "--id-column", "id", "--batch-size", "25",
+               "--progress-every", "0.5"]
     env = {**os.environ, "MODEL_NAMES": bundled_model_path(), "RAY_ADDRESS": ""}
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
@@ -186,11 +191,18 @@ def test_a_killed_job_rerun_writes_each_id_once(tmp_path):
     except ProcessLookupError:  # it had finished: the rerun must then write nothing
         pass
     first.wait()
-    for _ in range(2):  # a rerun, and a rerun of a finished job
+    for rerun in range(2):  # a rerun, and a rerun of a finished job
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         ids = pq.read_table(list(target.glob("*.parquet"))).column("id").to_pylist()
         assert sorted(ids) == list(range(600))
+        # the progress counts the rows left: those the checkpoint has are not counted again
+        totals = {int(found) for found in re.findall(r"^bulk: \d+ of (\d+) rows", done.stderr,
+                                                     re.MULTILINE)}
+        assert len(totals) == 1 and totals.pop() <= 600
+        if rerun:
+            assert "bulk: 0 of 0 rows" in done.stderr
+            assert "bulk: done, 0 rows in " in done.stderr
 
 
 @pytest.mark.slow
@@ -276,32 +288,44 @@ def test_a_worker_killed_in_a_batch_is_replaced_and_its_batch_redone(tmp_path):
     assert json.loads(found[4:]) == list(range(200))  # every row, each once
 
 
+def start_head(tmp_path):
+    """`ray start --head` with one GPU declared, once it says it has started (its raylet is up);
+    a port taken between choosing it and binding it (`ray start` then exits) is chosen again."""
+    import time
+
+    from server import free_port
+
+    for attempt in range(3):
+        port, log = free_port(), tmp_path / f"head-{attempt}.log"
+        with open(log, "w") as out:
+            head = subprocess.Popen(
+                [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head",
+                 "--block", f"--port={port}", "--num-cpus=4", "--num-gpus=1",
+                 "--include-dashboard=false", "--disable-usage-stats"],
+                env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log.read_text() and head.poll() is None:
+            assert time.monotonic() < deadline, f"no cluster: {log.read_text()[-2000:]}"
+            time.sleep(0.2)
+        if head.poll() is None:
+            return head, port
+    raise AssertionError(f"ray start failed three times: {log.read_text()[-2000:]}")
+
+
 @pytest.mark.slow
 def test_the_command_on_an_existing_cluster_with_a_gpu(tmp_path):
     """`--address` joins a cluster started apart (`ray start --head`, one GPU declared): one
     worker holds the GPU, relative paths work, progress lines say rows, rate and time left."""
     import signal
-    import time
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from server import free_port
-
-    port = free_port()
-    head = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
-         f"--port={port}", "--num-cpus=4", "--num-gpus=1", "--include-dashboard=false",
-         "--disable-usage-stats"], env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    texts = [f"{TEXTS[i % 40]} ({i})" for i in range(300)]
+    pq.write_table(pa.table({"id": list(range(300)), "text": texts}), tmp_path / "in.parquet")
+    head, port = start_head(tmp_path)
     try:
-        texts = [f"{TEXTS[i % 40]} ({i})" for i in range(300)]
-        pq.write_table(pa.table({"id": list(range(300)), "text": texts}), tmp_path / "in.parquet")
-        deadline = time.monotonic() + 120
-        while subprocess.run(["bash", "-c", f"echo > /dev/tcp/127.0.0.1/{port}"],
-                             capture_output=True).returncode:
-            assert time.monotonic() < deadline and head.poll() is None, "no cluster"
-            time.sleep(0.5)
         done = subprocess.run(
             [sys.executable, "-m", "embedding_worker", "bulk", "in.parquet", "out",
              "--id-column", "id", "--batch-size", "20", "--address", f"127.0.0.1:{port}",

@@ -53,6 +53,17 @@ def download(settings: Settings, cache_dir: str | None, onnx_dir: str | None) ->
             print(f"files a serve-mode start loads: listed in {listed}")
 
 
+def _at_least(low: float, kind: type = int):
+    """An argparse type: a number of `kind` no smaller than `low`."""
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is below {low}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
+
+
 def bulk_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedding-worker bulk",
@@ -73,27 +84,27 @@ def bulk_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="a served name (default: the first model that embeds)")
     parser.add_argument("--input-type")
     parser.add_argument("--prompt-name")
-    parser.add_argument("--dimensions", type=int)
+    parser.add_argument("--dimensions", type=_at_least(1))
     parser.add_argument("--output-dtype", default="float",
                         choices=["float", "int8", "uint8", "binary", "ubinary"])
     parser.add_argument("--truncate", choices=["END", "START", "NONE"])
     parser.add_argument("--raw", action="store_true", help="the model's own vectors, not "
                                                             "normalised (as normalized: false)")
-    parser.add_argument("--workers", type=int, help="model processes (Ray actors); default: one "
+    parser.add_argument("--workers", type=_at_least(1), help="model processes (Ray actors); default: one "
                                                     "per GPU where the cluster has GPUs, else 1")
-    parser.add_argument("--cpus-per-worker", type=int,
+    parser.add_argument("--cpus-per-worker", type=_at_least(1),
                         help="CPUs (and the engine's threads) per worker; default: the "
                              "cluster's CPUs shared by the workers")
-    parser.add_argument("--gpus-per-worker", type=float,
+    parser.add_argument("--gpus-per-worker", type=_at_least(0, float),
                         help="GPUs per worker (a fraction shares one); default: 1 where the "
                              "cluster has GPUs, else 0")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=_at_least(1), default=256)
     parser.add_argument("--address", help="an existing Ray cluster (default: RAY_ADDRESS, else "
                                           "a local one of this machine's CPUs, started for "
                                           "this run)")
     parser.add_argument("--checkpoint", help="where the ids written are kept (default: "
                                              "OUTPUT.checkpoint)")
-    parser.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+    parser.add_argument("--progress-every", type=_at_least(0.1, float), default=10.0, metavar="SECONDS",
                         help="how often a line of progress (rows, rows/s, time left) is "
                              "printed to stderr (default: 10)")
     return parser
@@ -106,12 +117,12 @@ def bulk(settings: Settings, argv: list[str]) -> None:
         from .api import bulk as job
     except ImportError as exc:  # pragma: no cover - the extra is missing
         raise SystemExit(f"bulk needs Ray Data: pip install \".[bulk]\" ({exc})") from exc
+    address = args.address or settings.ray_address or None
     if args.format == "openai-batch":
         answered = job.run_requests(args.input, args.output,
                                     settings=settings.model_dump(exclude_defaults=True),
                                     workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                                    gpus_per_worker=args.gpus_per_worker,
-                                    address=args.address or settings.ray_address or None)
+                                    gpus_per_worker=args.gpus_per_worker, address=address)
         print(f"{answered} requests answered into {args.output}")
         return
     embedder = {"model": args.model, "text_column": args.text_column,
@@ -122,7 +133,7 @@ def bulk(settings: Settings, argv: list[str]) -> None:
                 "settings": settings.model_dump(exclude_defaults=True)}
     job.run(args.input, args.output, embedder=embedder, id_column=args.id_column,
             file_format=args.format, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-            gpus_per_worker=args.gpus_per_worker, batch_size=args.batch_size, address=args.address or settings.ray_address or None,
+            gpus_per_worker=args.gpus_per_worker, batch_size=args.batch_size, address=address,
             checkpoint=args.checkpoint, progress_every=args.progress_every)
 
 

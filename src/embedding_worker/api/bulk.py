@@ -4,10 +4,10 @@
 The stage runs the service's own core and engine in its process, so a corpus is embedded with
 the same prompts, truncation, dimensions, normalisation and output types as `/v1/embeddings`, and
 the same bytes (floats are taken from the core's base64, as the server sends them). A row the API
-would refuse (an empty text, a text over the window with truncate=NONE) gets its message in the
-`error` column (and zeros for a vector); the other rows of its batch are embedded. Ray (the
-`bulk` extra) is imported by `run` only: the service never imports it, and `Embedder` works
-without it. OpenAI batch files (`Requests`, `run_requests`) go through the route table.
+would refuse (an empty text, a text over the window with truncate=NONE or over MAX_TEXT_CHARS)
+gets its message in the `error` column (and zeros for a vector); the other rows of its batch are
+embedded. Ray (the `bulk` extra) is imported by `run` only: the service never imports it, and
+`Embedder` works without it. OpenAI batch files (`Requests`, `run_requests`) go through the route table.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from ..config import Settings
 from ..core.core import Core
 from ..core.encoding import dumps
-from ..core.errors import APIError, BadRequest
+from ..core.errors import APIError
 
 # the output types and the numpy type of their values (binary: signed bytes of packed bits)
 VALUE_TYPES = {"float": np.float32, "int8": np.int8, "uint8": np.uint8, "binary": np.int8,
@@ -107,16 +107,19 @@ class Embedder(_InProcess):
 
     def _embed(self, texts: list[Any]) -> tuple[list[np.ndarray | None], list[str | None]]:
         """Each text's vector, or its error: a row the API refuses by name (`input[i]: ...`) is
-        set aside and the rest embedded again."""
+        set aside and the rest embedded again; an error of no row's that is the server's (5xx)
+        fails the batch, for Ray to retry."""
         vectors: list[np.ndarray | None] = [None] * len(texts)
         errors: list[str | None] = [None] * len(texts)
         pending = list(range(len(texts)))
         while pending:
             try:
                 found = self._vectors([texts[i] for i in pending])
-            except BadRequest as exc:
+            except APIError as exc:  # 400, and 413 for a text over MAX_TEXT_CHARS
                 named = _ITEM.match(exc.message)
-                if named is None:  # not one row's fault: every row gets it
+                if named is None:  # not one row's fault: every row gets a caller's mistake
+                    if exc.status >= 500:
+                        raise
                     for i in pending:
                         errors[i] = exc.message
                     break
@@ -251,6 +254,14 @@ def _start_ray(address: str | None, workers: int | None, cpus: int | None,
     return where
 
 
+def _actors(where: Placement) -> dict[str, Any]:
+    """map_batches' options that put the stage on `where`'s workers."""
+    import ray.data
+
+    return {"compute": ray.data.ActorPoolStrategy(size=where.workers), "num_cpus": where.cpus,
+            "num_gpus": where.gpus or None}
+
+
 def _filesystem(uri: str) -> tuple[Any, str]:
     """The filesystem of a path or URI, and the path in it: pyarrow's (s3://, gs://, abfs://,
     hdfs://, file://), else fsspec's for its schemes (memory://, hf://, those of gcsfs, adlfs,
@@ -286,8 +297,9 @@ def row_count(source: str, file_format: str) -> int | None:
         return ds.dataset(path, format="parquet", filesystem=filesystem).count_rows()
     if file_format != "jsonl" or "://" in source:
         return None
+    # a directory: the files Ray Data's JSON reader takes by default (uncompressed ones)
     files = [source] if os.path.isfile(source) else sorted(
-        str(f) for f in Path(source).rglob("*") if f.is_file())
+        str(f) for f in Path(source).rglob("*") if f.is_file() and f.suffix in (".json", ".jsonl"))
     rows = 0
     for name in files:
         with open(name, "rb") as stream:
@@ -346,13 +358,12 @@ def run(source: str, target: str, *, embedder: dict[str, Any], id_column: str | 
             raise SystemExit(f"bulk: {source} has no column {column!r} ({role}); its columns: "
                              f"{', '.join(columns)}")
     counter = ray.remote(Counter).options(num_cpus=0).remote()
+    embedder = dict(embedder)  # the caller's stays as it was
     settings = {**embedder.pop("settings", {}), "cpu_threads": where.cpus}
     embedded = dataset.map_batches(
         Embedder, fn_constructor_kwargs={**embedder, "settings": settings,
                                          "progress": Tally(counter)},
-        batch_format="pyarrow", batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=where.workers), num_cpus=where.cpus,
-        num_gpus=where.gpus or None)
+        batch_format="pyarrow", batch_size=batch_size, **_actors(where))
     with Reporter(counter, total, every=progress_every):
         embedded.write_parquet(target, min_rows_per_file=1,
                                max_rows_per_file=batch_size * BATCHES_PER_BLOCK)
@@ -387,9 +398,7 @@ def run_requests(source: str, target: str, *, settings: dict[str, Any],
     where = _start_ray(address, workers, cpus_per_worker, gpus_per_worker)
     answers = ray.data.from_items([{"line": line} for line in pending]).map_batches(
         Requests, fn_constructor_kwargs={"settings": {**settings, "cpu_threads": where.cpus}},
-        batch_format="pyarrow", batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=where.workers), num_cpus=where.cpus,
-        num_gpus=where.gpus or None)
+        batch_format="pyarrow", batch_size=batch_size, **_actors(where))
     local = isinstance(target_fs, fs.LocalFileSystem)
     written = 0
     # only the driver writes: locally a line is whole once flushed

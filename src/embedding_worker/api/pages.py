@@ -12,11 +12,12 @@ import importlib.util
 from functools import cache
 from pathlib import Path
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ..core.errors import MethodNotAllowed, NotFound
+from ..core.errors import NotFound
 
 PAGE = Path(__file__).with_name("page")
 # the playground's files and Swagger UI's that /docs loads: nothing else is served
@@ -58,6 +59,7 @@ def is_page(method: str, path: str) -> bool:
         path in ("/", "/docs", "/v1/openapi.json") or path.startswith(("/docs/", "/playground/")))
 
 
+@cache
 def swagger_dir() -> Path:
     """Swagger UI's files in the swagger-ui-py package, found without importing it (its import
     pulls in Jinja and its framework handlers)."""
@@ -91,11 +93,10 @@ async def playground_file(request: Request) -> Response:
 
 
 async def root(request: Request) -> Response:
-    """The playground for a browser; any other GET / keeps its answer (TEI's / takes POST)."""
+    """The playground for a browser; any other GET / keeps its answer (TEI's / takes POST), made
+    where every 405 is (api/http.py)."""
     if "text/html" not in request.headers.get("accept", ""):
-        error = MethodNotAllowed("method GET is not allowed on /")
-        error.headers = {"Allow": "POST"}
-        raise error
+        raise HTTPException(405, headers={"Allow": "POST"})
     return HTMLResponse(_read(PAGE / "index.html"))
 
 

@@ -1,5 +1,6 @@
-"""Audio inputs decoded safely: bytes (fetched as images are: core/images.py's fetcher, data URIs,
-base64) into one channel of float32 samples at a model's sampling rate.
+"""Audio inputs decoded safely: a clip's bytes into one channel of float32 samples at a model's
+sampling rate. (Not called by a route yet: the audio issue's next part fetches the bytes as
+images are fetched, core/images.py, and hands the samples to engine/clap.py.)
 
 A clip must not be able to take the server's memory or time, whatever its header says: MP3 and
 Ogg headers carry no reliable length (a WAV's can lie too), so the samples are read in blocks and
