@@ -1,7 +1,8 @@
 """Outputs beyond one dense vector per text, for models that have them: sparse vectors (SPLADE;
 BGE-M3's lexical weights) and multi-vectors (BGE-M3's ColBERT vectors; a ColBERT model's, its
-query texts marked `Query` for the engine to encode as queries), asked for on `/v1/embeddings` (`return_sparse`; Jina's `return_multivector`,
-with `return_dense`), TEI's `/embed_sparse` and RunPod jobs.
+query texts marked `Query` for the engine to encode as queries), asked for on `/v1/embeddings`
+(`return_sparse`; Jina's `return_multivector`, with `return_dense`), TEI's `/embed_sparse` and
+RunPod jobs.
 
 Every output a request asks for comes from one engine call per text: the engine's row of a
 model of several outputs (`MultiRow`) holds them all, computed in one forward pass, and the
