@@ -34,7 +34,7 @@ EMBEDDING_CASES = [
     ({"model": MINILM, "input": "a", "dimensions": 385}, 400, "dimensions: 385 is out of range; model 'sentence-transformers/all-MiniLM-L6-v2' produces 384 dimensions, so use 1..384"),
     ({"model": MINILM, "input": "a", "dimensions": "big"}, 400, "dimensions: Input should be a valid integer"),
     ({"model": MINILM, "input": "a", "modality": "video"}, 400, "modality: 'video' is not supported; expected one of text, image, audio"),
-    ({"model": MINILM, "input": "a", "modality": "audio"}, 501, "modality 'audio' is not supported yet"),
+    ({"model": MINILM, "input": "a", "modality": "audio"}, 400, f"model '{MINILM}' does not support audio embeddings; it supports: text embeddings"),
     ({"model": MINILM, "input": "https://x/y.png", "modality": "image"}, 400, f"model '{MINILM}' does not support image embeddings; it supports: text embeddings"),
     ({"model": 5, "input": "a"}, 400, "model: Input should be a valid string"),
     # Jina's name for output_dtype: the message names what the client sent

@@ -197,7 +197,7 @@ INVALID = [
     ({"model": "no-such-model", "input": "x"}, 404),
     ({"model": "tiny-embed"}, 400),
     ({"model": "tiny-embed", "input": ["a"] * 2049}, 413),
-    ({"model": "tiny-embed", "input": "x", "modality": "audio"}, 501),
+    ({"model": "tiny-embed", "input": "x", "modality": "audio"}, 400),
     ({"model": "tiny-rerank", "input": "x"}, 400),
     ({"model": "tiny-embed", "input": "x", "dimensions": 0}, 400),
 ]

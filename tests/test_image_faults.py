@@ -15,7 +15,7 @@ import pytest
 
 from embedding_worker.config import Settings
 from embedding_worker.core.errors import BadRequest
-from embedding_worker.core.images import ImageFetcher, ImagePolicy
+from embedding_worker.core.media import MediaFetcher, MediaPolicy
 from imagehost import image_of, png_bomb, truncated
 
 TIMEOUT = 2.0  # HTTP_CLIENT_TIMEOUT in conftest's served_env
@@ -115,7 +115,7 @@ async def test_cut_connections_do_not_leak_from_the_pool(image_host):
     settings = Settings(http_client_timeout=0.4, http_client_max_connections=2,
                         http_client_max_keepalive_connections=1,
                         image_fetch_allowed_networks="127.0.0.2/32")
-    fetcher = ImageFetcher(settings)
+    fetcher = MediaFetcher(settings)
     try:
         for _ in range(3):
             with pytest.raises(BadRequest, match=r"input\[0\]: fetching timed out after 0.4 s"):
@@ -236,12 +236,12 @@ def test_aspect_ratio_bomb_is_refused_from_the_header(client, image_host, still_
 
 def test_aspect_ratio_limit_comes_from_the_setting(monkeypatch):
     monkeypatch.setenv("IMAGE_MAX_ASPECT_RATIO", "2.5")
-    policy = ImagePolicy.from_settings(Settings())
+    policy = MediaPolicy.from_settings(Settings())
     assert policy.max_aspect_ratio == 2.5
 
 
 async def test_aspect_ratio_limit_is_applied_by_the_fetcher():
-    fetcher = ImageFetcher(Settings(image_max_aspect_ratio=2.5))
+    fetcher = MediaFetcher(Settings(image_max_aspect_ratio=2.5))
     (image,) = await fetcher.load_all([b64(image_of((10, 25)))])
     assert image.size == (10, 25)
     with pytest.raises(BadRequest, match=r"^input\[0\]: image is 26x10 \(aspect ratio 2.6:1\), over "

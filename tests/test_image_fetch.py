@@ -1,4 +1,4 @@
-"""ImageFetcher against a real loopback HTTP server, under the default and opt-in policies."""
+"""MediaFetcher against a real loopback HTTP server, under the default and opt-in policies."""
 
 import base64
 import ipaddress
@@ -7,14 +7,14 @@ import pytest
 
 from embedding_worker.config import Settings
 from embedding_worker.core.errors import BadRequest, PayloadTooLarge
-from embedding_worker.core.images import ImageFetcher, ImagePolicy, address_allowed
+from embedding_worker.core.media import MediaFetcher, MediaPolicy, address_allowed
 from imagehost import image_bytes
 
 
 def fetcher(**overrides):
     settings = Settings(**{"http_client_timeout": 1.5, "image_fetch_allowed_networks": "127.0.0.2/32",
                            "max_images_per_request": 8, **overrides})
-    return ImageFetcher(settings)
+    return MediaFetcher(settings)
 
 
 @pytest.fixture
@@ -136,7 +136,7 @@ async def test_too_many_images(default, image_host):
 
 
 def test_address_policy_unit():
-    policy = ImagePolicy(1, 1, 1, 1, 1.0, False, ())
+    policy = MediaPolicy(1, 1, 1, 1, 1.0, False, ())
     ip = ipaddress.ip_address
     assert address_allowed(ip("8.8.8.8"), policy)
     assert address_allowed(ip("2606:4700::1111"), policy)

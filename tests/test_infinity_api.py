@@ -89,12 +89,14 @@ def test_classify(parsed, dialect_server):
 
 
 def test_the_other_infinity_routes(dialect_server):
-    """`/embeddings_image` (CLIP) equals `modality: image`; audio is a 501 as on /v1."""
+    """`/embeddings_image` (CLIP) equals `modality: image`; `/embeddings_audio` with no model
+    named and none served that embeds audio is a 400 saying so."""
     image = "data:image/png;base64," + base64.b64encode(image_bytes("PNG", "red")).decode()
     legacy = post(dialect_server, "/embeddings_image", {"model": "tiny-clip", "input": [image]})
     ours = post(dialect_server, "/v1/embeddings", {"model": "tiny-clip", "input": [image],
                                                    "modality": "image"})
     assert legacy["data"][0]["embedding"] == ours["data"][0]["embedding"]
     audio = httpx.post(f"{dialect_server.url}/embeddings_audio", json={"input": ["x"]})
-    assert audio.status_code == 501 and "audio" in audio.json()["error"]["message"]
+    assert audio.status_code == 400, audio.text
+    assert audio.json()["error"]["message"].startswith("no served model does audio embeddings")
     assert "unix" in httpx.get(f"{dialect_server.url}/health").json()

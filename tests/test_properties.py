@@ -31,15 +31,16 @@ from embedding_worker.config import (
     bundled_model_path,
 )
 from embedding_worker.core.encoding import encode_rows, jsonable, truncate
-from embedding_worker.core.images import (
-    ImageError,
-    ImagePolicy,
+from embedding_worker.core.media import (
+    MediaError,
+    MediaPolicy,
     _b64decode,
     address_allowed,
     parse_data_uri,
 )
 from embedding_worker.core.pipeline import parse
 from embedding_worker.core.schemas import (
+    MEDIA,
     MODALITIES,
     Image,
     EmbeddingRequest,
@@ -316,8 +317,8 @@ def test_valid_embedding_bodies_parse_and_round_trip(body):
     sent = body["input"]
     assert request.model == body["model"]
     sent = [sent] if isinstance(sent, str) else sent
-    image = (body.get("modality") or "text").lower() == "image"
-    assert request.input == ([Image(url) for url in sent] if image else sent)
+    media = MEDIA.get((body.get("modality") or "text").lower())  # Image, Audio
+    assert request.input == ([media(url) for url in sent] if media else sent)
     assert request.encoding_format == body.get("encoding_format", "float")
     assert request.dimensions == body.get("dimensions")
     assert request.modality == (body.get("modality") or "text").lower()
@@ -797,21 +798,21 @@ def test_data_uris_decode_to_their_bytes(data, mime, b64, others, at, width, new
 def test_data_uris_over_the_limit_are_refused(data, draw):
     limit = draw.draw(st.integers(0, len(data) - 1))
     uri = "data:image/png;base64," + base64.b64encode(data).decode()
-    with pytest.raises(ImageError, match=r"IMAGE_MAX_BYTES"):
+    with pytest.raises(MediaError, match=r"IMAGE_MAX_BYTES"):
         parse_data_uri(uri, limit)
 
 
 @fast(150)
 @given(st.binary(max_size=60), st.sampled_from(["text/plain", "application/octet-stream", "audio/wav", "imagex/png"]))
 def test_data_uris_with_a_non_image_type_are_refused(data, mime):
-    with pytest.raises(ImageError, match=re.escape(f"media type {mime!r}")):
+    with pytest.raises(MediaError, match=re.escape(f"media type {mime!r}")):
         parse_data_uri(f"data:{mime};base64," + base64.b64encode(data).decode(), 10_000)
 
 
 @fast(100)
 @given(st.binary(max_size=60), st.sampled_from(["", ";charset=utf-8", ";base65"]))
 def test_data_uris_without_base64_are_refused(data, params):
-    with pytest.raises(ImageError, match="only base64 data URIs"):
+    with pytest.raises(MediaError, match="only base64 data URIs"):
         parse_data_uri(f"data:image/png{params}," + base64.b64encode(data).decode(), 10_000)
 
 
@@ -820,7 +821,7 @@ def test_data_uris_without_base64_are_refused(data, params):
 def test_data_uris_with_foreign_characters_are_refused(data, junk, draw):
     encoded = base64.b64encode(data).decode()
     at = draw.draw(st.integers(0, len(encoded)))
-    with pytest.raises(ImageError, match="not valid base64"):
+    with pytest.raises(MediaError, match="not valid base64"):
         parse_data_uri("data:image/png;base64," + encoded[:at] + junk + encoded[at:], 10_000)
 
 
@@ -836,7 +837,7 @@ def test_data_uris_with_foreign_characters_are_refused(data, junk, draw):
 def test_parse_data_uri_returns_bytes_or_raises_image_error(text, max_bytes):
     try:
         out = parse_data_uri(text, max_bytes)
-    except ImageError as exc:
+    except MediaError as exc:
         assert str(exc)
         return
     assert isinstance(out, bytes) and len(out) <= max_bytes
@@ -848,7 +849,7 @@ def test_a_padded_payload_of_exactly_the_limit_is_accepted(size):
     assert parse_data_uri("data:image/png;base64," + base64.b64encode(data).decode(), size) == data
 
 
-DEFAULT_POLICY = ImagePolicy(
+DEFAULT_POLICY = MediaPolicy(
     max_bytes=1, max_pixels=1, max_images=1, max_redirects=0, timeout=1.0, allow_private=False, allowed_networks=()
 )
 INTERNAL_V4 = [ipaddress.IPv4Network(n) for n in (
@@ -912,7 +913,7 @@ def test_internal_addresses_are_refused_by_default(ip):
 @fast(200)
 @given(internal_v4 | any_v4 | st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address))
 def test_allow_private_allows_everything(ip):
-    policy = ImagePolicy(**{**DEFAULT_POLICY.__dict__, "allow_private": True})
+    policy = MediaPolicy(**{**DEFAULT_POLICY.__dict__, "allow_private": True})
     assert address_allowed(ip, policy)
 
 
@@ -923,7 +924,7 @@ def test_allow_private_allows_everything(ip):
             lambda k: ipaddress.ip_network(f"{n.network_address + k}/{p}", strict=False))
     )), st.data())
 def test_allow_listed_networks_are_allowed_and_nothing_more(net, data):
-    policy = ImagePolicy(**{**DEFAULT_POLICY.__dict__, "allowed_networks": (net,)})
+    policy = MediaPolicy(**{**DEFAULT_POLICY.__dict__, "allowed_networks": (net,)})
     inside = net.network_address + data.draw(st.integers(0, net.num_addresses - 1))
     assert address_allowed(inside, policy)
     other = data.draw(internal_v4 | addresses_in(INTERNAL_V6))

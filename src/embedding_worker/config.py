@@ -148,6 +148,10 @@ class Settings(BaseSettings):
     image_max_redirects: int = Field(3, ge=0)
     image_fetch_allow_private: bool = False
     image_fetch_allowed_networks: str = ""
+    # --- audio inputs (modality=audio, on a CLAP model); fetched as images are ---
+    audio_max_bytes: int = Field(20_000_000, ge=1)
+    audio_max_seconds: float = Field(30.0, gt=0)  # a longer clip is refused, not cut
+    max_audio_per_request: int = Field(32, ge=1)
     # --- server ---
     traffic_timeout: float = Field(300.0, gt=0)
     log_level: str = "INFO"

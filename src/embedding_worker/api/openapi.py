@@ -28,7 +28,6 @@ ERRORS = {
     413: "request body, item count or text length over its limit",
     429: "overloaded; retry after the Retry-After header's seconds",
     500: "the model failed on this request's items",
-    501: "modality not implemented",
     503: "not ready",
     504: "deadline (REQUEST_TIMEOUT) exceeded",
 }

@@ -1,6 +1,5 @@
-"""Audio inputs decoded safely: a clip's bytes into one channel of float32 samples at a model's
-sampling rate. (Not called by a route yet: the audio issue's next part fetches the bytes as
-images are fetched, core/images.py, and hands the samples to engine/clap.py.)
+"""Audio inputs decoded safely: a clip's bytes (fetched by `media`, as images are) into one
+channel of float32 samples at the model's sampling rate.
 
 A clip must not be able to take the server's memory or time, whatever its header says: MP3 and
 Ogg headers carry no reliable length (a WAV's can lie too), so the samples are read in blocks and
@@ -9,22 +8,26 @@ channel as it comes, so memory is bounded by the cap in seconds times the rate, 
 The sampling rate and the channel count are checked before a sample is read. Resampling is
 polyphase (scipy's `resample_poly`) by the reduced ratio of the two rates: the same bytes always
 give the same samples. libsndfile (through `soundfile`) reads WAV, FLAC, Ogg Vorbis and Opus, and
-MP3; it and scipy are imported at the first clip, not by a service that never sees one.
+MP3; it and scipy are imported at the first clip, not by a service that never sees one. A
+deadline, when given, is checked between blocks.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from .media import MediaError
 
 FORMATS = "WAV, FLAC, Ogg (Vorbis, Opus) or MP3"
 _BLOCK = 1 << 16  # frames decoded at a time
 
 
-class AudioError(Exception):
+class AudioError(MediaError):
     """Why one item is not usable audio; the caller adds the item's index."""
 
 
@@ -42,8 +45,10 @@ class Clip:
     seconds: float  # the clip's own length
 
 
-def decode(data: bytes, rate: int, policy: AudioPolicy = AudioPolicy()) -> Clip:
-    """The clip in `data` as one channel at `rate` Hz (channels averaged)."""
+def decode(data: bytes, rate: int, policy: AudioPolicy = AudioPolicy(),
+           deadline: float | None = None) -> Clip:
+    """The clip in `data` as one channel at `rate` Hz (channels averaged); `deadline`: a
+    `time.monotonic()` past which decoding stops."""
     import soundfile as sf
 
     try:
@@ -65,6 +70,8 @@ def decode(data: bytes, rate: int, policy: AudioPolicy = AudioPolicy()) -> Clip:
                 if frames > most:
                     raise AudioError(f"longer than {policy.max_seconds:g} s (AUDIO_MAX_SECONDS)")
                 blocks.append(block.mean(axis=1, dtype=np.float32))
+                if deadline is not None and time.monotonic() > deadline:
+                    raise AudioError("decoding did not finish in time (HTTP_CLIENT_TIMEOUT)")
         except (sf.LibsndfileError, RuntimeError) as exc:
             raise AudioError(f"the audio could not be decoded: {_reason(exc)}") from None
     if frames == 0:

@@ -19,7 +19,7 @@ from .dialects.cohere import CohereEmbed
 from .dialects.infinity import Infinity
 from .dialects.tei import Tei
 from .embed import Embeddings
-from .images import ImageFetcher
+from .media import MediaFetcher
 from .models import Models
 from .pipeline import Pipeline
 from .rerank import Rerank
@@ -49,12 +49,12 @@ class Core:
     def __init__(self, settings: Settings, engine: Engine | None = None):
         self.settings = settings
         self.engine = engine if engine is not None else create_engine(settings)
-        self.images = ImageFetcher(settings)
+        self.media = MediaFetcher(settings)
         self.pipeline = Pipeline(settings)
         self.models = Models(settings, self.engine)
         cache_bytes = int(settings.embedding_cache_mb * 2**20)
         self.cache = EmbeddingCache(cache_bytes) if cache_bytes else None
-        self.embeddings = Embeddings(self.pipeline, self.models, self.images, self.cache)
+        self.embeddings = Embeddings(self.pipeline, self.models, self.media, self.cache)
         self.rerank = Rerank(self.pipeline, self.models, self.embeddings.outputs)
         self.classify = Classify(self.pipeline, self.models)
         self.tokenize = Tokenize(self.pipeline, self.models)
@@ -64,11 +64,11 @@ class Core:
         self.infinity = Infinity(self.models, self.embeddings, self.rerank, self.classify)
 
     async def start(self) -> None:
-        await self.engine.start()  # the image fetcher opens its client at its first fetch
+        await self.engine.start()  # the media fetcher opens its client at its first fetch
 
     async def stop(self) -> None:
         await self.engine.stop()
-        await self.images.stop()
+        await self.media.stop()
         logger.info("stopped: the engines are shut down")
 
     @property

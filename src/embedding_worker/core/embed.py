@@ -1,4 +1,4 @@
-"""The embed family: texts and images to vectors for every dialect (OpenAI and Jina on
+"""The embed family: texts, images and audio to vectors for every dialect (OpenAI and Jina on
 `/v1/embeddings`, Cohere's `/v1|v2/embed`, TEI's `/embed`) and the batchable `/batch/embed`.
 
 A dialect turns its body into an `EmbedJob` and formats the `Embedded` it gets back; `compute`
@@ -21,22 +21,22 @@ from . import schemas
 from .batching import PerModel
 from .cache import EmbeddingCache
 from .encoding import as_matrix, encode_rows, quantize, vectors
-from .errors import BadRequest, NotImplementedModality, too_many
-from .images import ImageFetcher
+from .errors import BadRequest, too_many
+from .media import MediaFetcher
 from .models import Models
 from .options import Prompt, choose_prompt, cut_to
 from .outputs import Outputs, check_output, dense_of, several_outputs
 from .pipeline import Pipeline, parse, per_model
-from .schemas import EmbeddingRequest, EmbedItem, Image
+from .schemas import Audio, EmbeddingRequest, EmbedItem, Image, Item
 
 
 @dataclass
 class EmbedJob:
-    """One request's embedding work, whatever its dialect. `inputs`: texts, and `Image`s for a
-    model that embeds images (one vector each, in one space, order kept)."""
+    """One request's embedding work, whatever its dialect. `inputs`: texts, and `Image`s or
+    `Audio`s for a model that embeds them (one vector each, in one space, order kept)."""
 
     model: str
-    inputs: Sequence[str | Image]
+    inputs: Sequence[Item]
     field: str = "input"  # what error messages call the inputs
     prompt_name: str | None = None
     input_type: str | None = None
@@ -55,14 +55,15 @@ class Embedded:
     tokens: int  # text tokens the model saw
     prompt: Prompt
     images: int  # how many inputs were images
+    seconds: float | None = None  # the audio inputs' length, when there are any
 
 
 class Embeddings:
-    def __init__(self, pipeline: Pipeline, models: Models, images: ImageFetcher,
+    def __init__(self, pipeline: Pipeline, models: Models, media: MediaFetcher,
                  cache: EmbeddingCache | None = None):
         self.pipeline = pipeline
         self.models = models
-        self.images = images
+        self.media = media
         self.batcher = PerModel(lambda model: model.embed, len)
         self.cache = cache
         self.cached = {spec.served_name for spec in pipeline.settings.models if spec.cache}
@@ -79,10 +80,6 @@ class Embeddings:
     async def create(self, body: Any) -> dict[str, Any]:
         """`POST /v1/embeddings`: OpenAI's body, with Jina's and Cohere's fields beside it."""
         request = parse(EmbeddingRequest, body)
-        if request.modality == "audio":
-            raise NotImplementedModality(
-                "modality 'audio' is not supported yet; use 'text' or 'image'", param="modality"
-            )
         job = EmbedJob(
             model=request.model, inputs=request.input, prompt_name=request.prompt_name,
             input_type=request.input_type, task=request.task, truncate=request.truncate,
@@ -93,7 +90,7 @@ class Embeddings:
         done = await self.compute(job)
         rows = encode_rows(quantize(done.matrix, request.output_dtype), request.encoding_format)
         return schemas.embedding_response(request.model, rows, done.tokens, done.prompt.name,
-                                          done.prompt.note)
+                                          done.prompt.note, done.seconds)
 
     async def compute(self, job: EmbedJob) -> Embedded:
         pipeline, settings, field = self.pipeline, self.pipeline.settings, job.field
@@ -103,20 +100,24 @@ class Embeddings:
             return await self._late(job)
         text_at = [i for i, item in enumerate(job.inputs) if isinstance(item, str)]
         image_at = [i for i, item in enumerate(job.inputs) if isinstance(item, Image)]
-        model = self.models.require(job.model, "embed" if text_at else "image_embed")
-        if text_at and image_at:
-            self.models.require(job.model, "image_embed")
+        audio_at = [i for i, item in enumerate(job.inputs) if isinstance(item, Audio)]
+        needs = [need for need, at in (("embed", text_at), ("image_embed", image_at),
+                                       ("audio_embed", audio_at)) if at]
+        model = self.models.require(job.model, needs[0])
+        for need in needs[1:]:
+            self.models.require(job.model, need)
         check_output(model, job.dimensions, job.output_dtypes, job.normalize)
         prompt = choose_prompt(model, job.prompt_name, job.input_type, job.task) if text_at \
             else Prompt()
         texts = [job.inputs[i] for i in text_at]
         pipeline.check_sizes(field, texts, text_at)  # type: ignore[arg-type]
         rows: list[Any] = [None] * len(job.inputs)
+        seconds = None
         async with pipeline.admit("embed", model, len(job.inputs)) as served:
             if image_at:
                 # every image is fetched and decoded before any reaches the engine
                 try:
-                    images = await self.images.load_all(
+                    images = await self.media.load_all(
                         [job.inputs[i].url for i in image_at], field, image_at)  # type: ignore[union-attr]
                 except BadRequest:
                     metrics.image_failure(job.model)
@@ -124,6 +125,20 @@ class Embeddings:
                 found, served.tokens = await pipeline.compute(model, model.embed_images(images),
                                                               served)
                 for i, row in zip(image_at, found):
+                    rows[i] = row
+            if audio_at:  # as images: every clip fetched and decoded first
+                rate = model.info.sampling_rate
+                assert rate is not None  # an audio model has one
+                try:
+                    clips = await self.media.load_audio(
+                        [job.inputs[i].url for i in audio_at], rate, field, audio_at)  # type: ignore[union-attr]
+                except BadRequest:
+                    metrics.audio_failure(job.model)
+                    raise
+                found, _ = await pipeline.compute(
+                    model, model.embed_audio([clip.samples for clip in clips]), served)
+                seconds = sum(clip.seconds for clip in clips)
+                for i, row in zip(audio_at, found):
                     rows[i] = row
             if text_at:
                 texts = await self.fit(model, texts, prompt, job, text_at)  # type: ignore[arg-type]
@@ -134,7 +149,7 @@ class Embeddings:
                     rows[i] = dense_of(row)
             pipeline.raise_faults(model, field, rows)
         matrix = vectors(as_matrix(rows), job.dimensions, job.normalize, model.info.unit_vectors)
-        return Embedded(matrix, served.tokens, prompt, len(image_at))
+        return Embedded(matrix, served.tokens, prompt, len(image_at), seconds)
 
     async def fit(self, model: ModelBackend, texts: list[str], prompt: Prompt, job: EmbedJob,
                    positions: list[int]) -> list[str]:
@@ -161,9 +176,9 @@ class Embeddings:
         (`ModelBackend.late_chunks`); truncate=NONE refuses a document past the window, any
         other truncation reads it in consecutive windows."""
         field = job.field
-        if any(isinstance(item, Image) for item in job.inputs):
+        if any(not isinstance(item, str) for item in job.inputs):
             raise BadRequest(f"late_chunking: {field} must be one document's text chunks; images "
-                             f"cannot be chunks of it", param="late_chunking")
+                             f"and audio cannot be chunks of it", param="late_chunking")
         model = self.models.require(job.model, "embed")
         if "late_chunking" not in model.info.capabilities:
             raise BadRequest(f"late_chunking: model {job.model!r} {_why_not_late(model)}",

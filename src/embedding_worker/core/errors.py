@@ -94,12 +94,6 @@ class Overloaded(APIError):
         self.headers = {"Retry-After": str(retry_after)}
 
 
-class NotImplementedModality(APIError):
-    status = 501
-    type = "not_implemented_error"
-    code = "modality_not_supported"
-
-
 class Unavailable(APIError):
     status = 503
     type = "service_unavailable"

@@ -23,7 +23,7 @@ from . import schemas
 from .encoding import as_matrix, encode_rows, quantize, vectors
 from .errors import BadRequest, too_many
 from .options import Prompt, choose_prompt
-from .schemas import EmbeddingRequest, Image
+from .schemas import EmbeddingRequest
 
 if TYPE_CHECKING:
     from .embed import EmbedJob, Embeddings
@@ -58,9 +58,9 @@ class Outputs:
 
     async def parts(self, job: EmbedJob, wanted: set[str]) -> Parts:
         """The engine's rows for `job`'s texts, from a model that has every output `wanted`."""
-        if any(isinstance(item, Image) for item in job.inputs):
-            raise BadRequest(f"{job.field}: sparse and multi-vectors are of texts; images have "
-                             f"none", param=job.field)
+        if any(not isinstance(item, str) for item in job.inputs):
+            raise BadRequest(f"{job.field}: sparse and multi-vectors are of texts; images and "
+                             f"audio have none", param=job.field)
         pipeline = self.embeddings.pipeline
 
         async def run(model: ModelBackend, texts: list[str], served: Any) -> list[Any]:

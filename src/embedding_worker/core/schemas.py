@@ -91,30 +91,42 @@ class Image:
     url: str
 
 
-def check_inputs(value: Any, field: str, images: bool) -> list[str | Image]:
-    """Texts, or (`images`: modality image) image URLs, or Jina's items: `{"text": ...}` and
-    `{"image": ...}` objects, which may be mixed with plain strings (texts, or images under
-    `images`). Errors name the item."""
+@dataclass(frozen=True, slots=True)
+class Audio:
+    """An audio input (a clip): an http(s) URL, a data URI or bare base64."""
+
+    url: str
+
+
+MEDIA = {"image": Image, "audio": Audio}  # Jina's item keys (and modalities) beside "text"
+Item = str | Image | Audio
+
+
+def check_inputs(value: Any, field: str, modality: str = "text") -> list[Item]:
+    """Texts, or (modality image or audio) their URLs, or Jina's items: `{"text": ...}`,
+    `{"image": ...}` and `{"audio": ...}` objects, which may be mixed with plain strings (texts,
+    or items of the modality). Errors name the item."""
+    plain = MEDIA.get(modality)
     if not isinstance(value, list) or not any(isinstance(item, dict) for item in value):
         texts = check_texts(value, field)
-        return [Image(url) for url in texts] if images else texts  # type: ignore[return-value]
-    out: list[str | Image] = []
+        return [plain(url) for url in texts] if plain else texts  # type: ignore[return-value]
+    out: list[Item] = []
     for i, item in enumerate(value):
         if isinstance(item, str):
-            text = item
-        elif isinstance(item, dict) and len(item) == 1 and ("text" in item or "image" in item):
+            kind, text = modality, item
+        elif isinstance(item, dict) and len(item) == 1 and next(iter(item)) in ("text", *MEDIA):
             kind, text = next(iter(item.items()))
             if not isinstance(text, str):
                 raise invalid(f"{field}[{i}].{kind}: expected a string, got {type_name(text)}")
         elif isinstance(item, dict):
-            raise invalid(f'{field}[{i}]: expected {{"text": ...}} or {{"image": ...}}, got '
-                           f"the keys {', '.join(sorted(map(str, item))) or 'none'}")
+            raise invalid(f'{field}[{i}]: expected {{"text": ...}}, {{"image": ...}} or '
+                          f'{{"audio": ...}}, got the keys '
+                          f"{', '.join(sorted(map(str, item))) or 'none'}")
         else:
             raise invalid(f"{field}[{i}]: expected a string or an object, got {type_name(item)}")
         if not text.strip():
             raise invalid(f"{field}[{i}]: empty string")
-        is_image = images if isinstance(item, str) else "image" in item
-        out.append(Image(text) if is_image else text)
+        out.append(MEDIA[kind](text) if kind in MEDIA else text)
     return out
 
 
@@ -153,6 +165,8 @@ TEXTS_SCHEMA = {"type": "array", "items": TEXT_SCHEMA, "minItems": 1}
 _ITEM = {"anyOf": [TEXT_SCHEMA, {"type": "object", "properties": {"text": TEXT_SCHEMA}, "required": ["text"],
                            "additionalProperties": False},
                    {"type": "object", "properties": {"image": TEXT_SCHEMA}, "required": ["image"],
+                    "additionalProperties": False},
+                   {"type": "object", "properties": {"audio": TEXT_SCHEMA}, "required": ["audio"],
                     "additionalProperties": False}]}
 
 
@@ -160,7 +174,7 @@ class EmbeddingRequest(RequestBody):
     # before `input`, whose validator reads it: it says what plain strings are
     modality: Annotated[str, WithJsonSchema({"type": "string", "enum": list(MODALITIES),
                                              "default": "text"})] = "text"
-    # a list of texts and `Image`s after validation; the union documents what is accepted
+    # a list of texts, `Image`s and `Audio`s after validation; the union documents what is accepted
     input: Annotated[Any, WithJsonSchema(
         {"anyOf": [TEXT_SCHEMA, {"type": "array", "items": _ITEM, "minItems": 1}]})]
     encoding_format: Literal["float", "base64"] = "float"
@@ -220,13 +234,15 @@ class EmbeddingRequest(RequestBody):
 
     @field_validator("input", mode="before")
     @classmethod
-    def _input(cls, value: Any, info: Any) -> list[str | Image]:
-        return check_inputs(value, "input", images=info.data.get("modality") == "image")
+    def _input(cls, value: Any, info: Any) -> list[Item]:
+        return check_inputs(value, "input", info.data.get("modality", "text"))
 
     @field_serializer("input")
-    def _dump_input(self, value: list[str | Image]) -> list[Any]:
-        """Images as Jina's `{"image": ...}`, so that a dumped request parses back the same."""
-        return [{"image": item.url} if isinstance(item, Image) else item for item in value]
+    def _dump_input(self, value: list[Item]) -> list[Any]:
+        """Images and clips as Jina's `{"image": ...}`, `{"audio": ...}`, so that a dumped
+        request parses back the same."""
+        return [item if isinstance(item, str) else
+                {"image" if isinstance(item, Image) else "audio": item.url} for item in value]
 
     @field_validator("modality", mode="before")
     @classmethod
@@ -315,10 +331,16 @@ class ResponseBody(BaseModel):
 class Usage(ResponseBody):
     prompt_tokens: int
     total_tokens: int
+    audio_seconds: float | None = Field(None, description=(
+        "with audio inputs: their length in seconds (text tokens are counted apart)"))
 
 
-def usage(tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": int(tokens), "total_tokens": int(tokens)}
+def usage(tokens: int, seconds: float | None = None) -> dict[str, Any]:
+    """Text tokens; with audio inputs, their length in seconds beside (`audio_seconds`)."""
+    counted: dict[str, Any] = {"prompt_tokens": int(tokens), "total_tokens": int(tokens)}
+    if seconds is not None:
+        counted["audio_seconds"] = round(seconds, 3)
+    return counted
 
 
 class EmbeddingData(ResponseBody):
@@ -370,12 +392,12 @@ class EmbeddingResponse(ResponseBody):
 
 
 def embedding_response(model: str, rows: list[Any], tokens: int, prompt_name: str | None = None,
-                       note: str | None = None) -> dict[str, Any]:
+                       note: str | None = None, seconds: float | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "object": "list",
         "model": model,
         "data": [{"object": "embedding", "embedding": row, "index": i} for i, row in enumerate(rows)],
-        "usage": usage(tokens),
+        "usage": usage(tokens, seconds),
     }
     if prompt_name is not None:
         body["prompt_name"] = prompt_name

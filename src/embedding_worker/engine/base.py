@@ -102,6 +102,8 @@ class ModelInfo:
     runtime_reason: str = ""  # why that runtime and precision (the start-up line)
     # the prompt whose texts the engine encodes as queries (`Query`; a ColBERT model: "query")
     query_prompt: str | None = None
+    # an audio model's sampling rate: the core decodes clips to it (`embed_audio`)
+    sampling_rate: int | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,12 @@ class Tokens:
     words: list[int | None]
     strings: list[str]
     special: list[bool]
+
+
+def tokens_of(encodings: list[Any]) -> list[Tokens]:
+    """`Tokens` of a fast tokenizer's encodings (`tokenizers.Encoding`)."""
+    return [Tokens(e.ids, list(e.offsets), list(e.word_ids), list(e.tokens),
+                   [bool(m) for m in e.special_tokens_mask]) for e in encodings]
 
 
 @dataclass(frozen=True)
@@ -194,6 +202,11 @@ class ModelBackend(ABC):
     @abstractmethod
     async def embed_images(self, images: list[Any]) -> Rows:
         """One vector per decoded RGB image, as `embed` gives them."""
+
+    async def embed_audio(self, clips: list[Any]) -> Rows:
+        """One vector per clip (`audio_embed` in `info.capabilities`): float32 samples, one
+        channel at `info.sampling_rate`, as `embed` gives them."""
+        raise NotImplementedError(f"model {self.info.name!r} does not embed audio")
 
     @abstractmethod
     async def classify(self, texts: list[str]) -> Rows:

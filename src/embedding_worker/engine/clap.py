@@ -10,9 +10,9 @@ right (docs/architecture.md):
   batch with no long one as long, which made a clip's vector depend on its batch).
 - text is cut at the text model's window (512 tokens for LAION's), not at 20 tokens.
 
-The samples come decoded, one channel at the model's rate (core/audio.py). This is the numerical
-part; the extractor's private methods it relies on are touched in compat.py only, checked when
-a model loads.
+The samples come decoded, one channel at the model's rate (core/audio.py); the model behind the
+engine seam is engine/clap_engine.py. The extractor's private methods this relies on are touched
+in compat.py only, checked when a model loads.
 """
 
 from __future__ import annotations
@@ -24,15 +24,20 @@ import numpy as np
 
 from .compat import clap_input_mel
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
 class Clap:
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0):
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0,
+                 dtype: str = "float32"):
         import torch
         from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.model = ClapModel.from_pretrained(str(path)).to(device).eval()
+        self.dtype = getattr(torch, dtype)  # one of DTYPES
+        self.model = ClapModel.from_pretrained(str(path)).to(device, self.dtype).eval()
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         extractor = ClapFeatureExtractor.from_pretrained(str(path))
@@ -59,7 +64,8 @@ class Clap:
         """Unit vectors of the clips."""
         torch = self.torch
         made = [self.features(clip) for clip in clips]
-        features = torch.from_numpy(np.stack([mel for mel, _ in made])).to(self.device)
+        features = torch.from_numpy(np.stack([mel for mel, _ in made])).to(self.device,
+                                                                           self.dtype)
         longer = torch.tensor([[flag] for _, flag in made], device=self.device)
         with torch.inference_mode():
             vectors = self.model.get_audio_features(input_features=features, is_longer=longer)

@@ -1,5 +1,6 @@
 """The engine the core gets: the ONNX Runtime engine (`engine.ort`) for the text models it
-serves on a CPU, Infinity (`engine.infinity`) for the rest, as one `Engine`.
+serves on a CPU, CLAP's (`engine.clap_engine`) for audio models, Infinity (`engine.infinity`) for
+the rest, as one `Engine`.
 
 Which model goes where is decided before anything heavy is imported: the device without torch
 (`device_hint`), each model's plan from its files (`onnx_export.prepare`). With every model on
@@ -161,7 +162,7 @@ class CombinedEngine(Engine):
     def _load_torch(self) -> None:
         """torch for the models ONNX Runtime does not serve: those of outputs beyond one dense
         vector (SPLADE, BGE-M3, ColBERT) in the lean engine around torch's forward pass, which
-        gives them; the rest in infinity."""
+        gives them; CLAP models in the service's own audio engine; the rest in infinity."""
         parts: list[Engine] = [self._ort] if self._ort is not None else []
         onnx = set(self._ort.models) if self._ort is not None else set()
         rest = [spec for spec in self.settings.models if spec.served_name not in onnx]
@@ -175,6 +176,14 @@ class CombinedEngine(Engine):
                 raise exc
             parts.append(lean)
             rest = [spec for spec in rest if spec.served_name not in several]
+        from . import clap_engine  # numpy and the audio code: only where torch serves a model
+
+        claps = [spec for spec in rest if clap_engine.is_clap(spec.source)]
+        if claps:  # audio on the service's own torch code (engine.clap_engine)
+            engine = clap_engine.ClapEngine(self.settings, claps, device_hint(self.settings))
+            engine.load()
+            parts.append(engine)
+            rest = [spec for spec in rest if spec not in claps]
         if rest:
             from .infinity import InfinityEngine
 

@@ -100,7 +100,7 @@ def prepare(source: str, cache_root: str, found_in: tuple[str, ...] = ()) -> Onn
     """Resolve `source` to a local directory, read its pooling and window, and export it to ONNX
     under `cache_root` unless it ships a `.onnx` file or an export of it is in `cache_root` or
     one of `found_in` (read only: the image's). Blocking (the export takes seconds)."""
-    model_dir = _local_dir(source)
+    model_dir = local_dir(source)
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("vision_config") or config.get("audio_config"):
         raise ConfigError(f"BACKEND=optimum serves text models only; {source} is an image or audio "
@@ -143,7 +143,7 @@ def torch_plan(source: str, cache_root: str) -> OnnxPlan | None:
     has torch."""
     # a hub model's describing files first: the weights only for a model this path serves (not
     # its ONNX files, which torch does not read)
-    model_dir = _local_dir(source, DESCRIBING_FILES)
+    model_dir = local_dir(source, DESCRIBING_FILES)
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("vision_config") or config.get("audio_config") or _cross_encoder(config):
         return None
@@ -153,7 +153,7 @@ def torch_plan(source: str, cache_root: str) -> OnnxPlan | None:
         return None
     if not plan.several_outputs:
         return None
-    model_dir = _local_dir(source, TORCH_FILES)
+    model_dir = local_dir(source, TORCH_FILES)
     if not (plan.m3 or plan.colbert):  # SPLADE: nothing beside
         return plan
     kind = "m3" if plan.m3 else "colbert"
@@ -184,7 +184,8 @@ def _made_in_place(target: Path, make: Callable[[Path], None]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _local_dir(source: str, files: list[str] = HUB_FILES) -> Path:
+def local_dir(source: str, files: list[str] = HUB_FILES) -> Path:
+    """A local model directory as given, or a hub model's local copy of `files`."""
     path = Path(os.path.expanduser(source))
     if path.is_dir():
         return path

@@ -28,7 +28,7 @@ from ..config import ConfigError, ModelSpec, Settings
 from ..observability.logs import one_line
 from . import late_chunking, model_config, precision, runtime
 from .base import (Engine, Fault, Heartbeat, LateChunks, ModelBackend, ModelInfo, Query,
-                   QueueStats, Rows, SparseRow, Tokens)
+                   QueueStats, Rows, SparseRow, Tokens, tokens_of)
 from .colbert import ColbertHeads, Encoded
 from .fault_guard import FaultGuard
 from .grouping import GROUP_TOKENS, token_groups
@@ -338,9 +338,8 @@ class OrtModel(ModelBackend):
         return [len(e.ids) for e in self._untruncated().encode_batch(inputs)]
 
     def tokenize(self, texts: list[str], add_special_tokens: bool = False) -> list[Tokens]:
-        encodings = self._untruncated().encode_batch(texts, add_special_tokens=add_special_tokens)
-        return [Tokens(e.ids, list(e.offsets), list(e.word_ids), list(e.tokens),
-                       [bool(m) for m in e.special_tokens_mask]) for e in encodings]
+        return tokens_of(self._untruncated().encode_batch(
+            texts, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
         return self.tokenizer.decode_batch(ids, skip_special_tokens=skip_special_tokens)

@@ -26,7 +26,7 @@ def _get() -> dict[str, Any]:
             _metrics.update(
                 requests=Counter(PREFIX + "requests", "Requests by operation, model and outcome",
                                  ["operation", "model", "outcome"]),
-                items=Counter(PREFIX + "items", "Texts, images or documents processed",
+                items=Counter(PREFIX + "items", "Texts, images, clips or documents processed",
                               ["operation", "model"]),
                 tokens=Counter(PREFIX + "tokens", "Tokens processed (as reported in usage)",
                                ["operation", "model"]),
@@ -34,6 +34,8 @@ def _get() -> dict[str, Any]:
                                  "Requests refused with 429 because of overload", ["model", "reason"]),
                 image_failures=Counter(PREFIX + "image_fetch_failures",
                                        "Image inputs that could not be fetched or decoded", ["model"]),
+                audio_failures=Counter(PREFIX + "audio_fetch_failures",
+                                       "Audio inputs that could not be fetched or decoded", ["model"]),
                 queue=Gauge(PREFIX + "queue_depth", "Items waiting in the model's queue", ["model"],
                             multiprocess_mode="livesum"),
                 batch=Histogram(PREFIX + "batch_size", "Items per batch the model computed", ["model"],
@@ -65,6 +67,10 @@ def rejected(model: str, reason: str) -> None:
 
 def image_failure(model: str) -> None:
     _get()["image_failures"].labels(model).inc()
+
+
+def audio_failure(model: str) -> None:
+    _get()["audio_failures"].labels(model).inc()
 
 
 def queue_depth(model: str, depth: int) -> None:

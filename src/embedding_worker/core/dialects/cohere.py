@@ -119,6 +119,11 @@ def _content(inputs: list[dict[str, Any]]) -> list[str | Image]:
                 raise BadRequest(f"inputs[{i}].content[0].image_url: expected {{\"url\": ...}}",
                                  param="inputs")
             out.append(Image(url))
+        elif "audio" in str(part.get("type")):
+            raise BadRequest(f"inputs[{i}].content[0]: Cohere's embed API has no content type for "
+                             f"audio (only text and image_url); send audio to /v1/embeddings with "
+                             f'"modality": "audio", or as Jina\'s {{"audio": ...}} items there',
+                             param="inputs", code="modality_not_supported")
         else:
             raise BadRequest(f'inputs[{i}].content[0]: expected {{"type": "text", "text": ...}} '
                              f'or {{"type": "image_url", "image_url": {{"url": ...}}}}',

@@ -36,7 +36,7 @@ from ..schemas import (
 
 # what Infinity's request models (and so its generated client) put in `model` when none is given
 NOT_SPECIFIED = "default/not-specified"
-MODALITY_CAPABILITY = {"text": "embed", "image": "image_embed"}
+MODALITY_CAPABILITY = {"text": "embed", "image": "image_embed", "audio": "audio_embed"}
 
 
 class Infinity:
@@ -47,13 +47,11 @@ class Infinity:
         self.rerank_family = rerank
         self.classify_family = classify
 
-    def _named(self, body: Any, capability: str | None) -> Any:
+    def _named(self, body: Any, capability: str) -> Any:
         """The body with its model named: a missing or placeholder `model` is the first served
-        model with `capability` (None: left for the family to refuse)."""
+        model with `capability`."""
         if not isinstance(body, dict) or body.get("model", NOT_SPECIFIED) != NOT_SPECIFIED:
             return body
-        if capability is None:
-            return {**body, "model": NOT_SPECIFIED}
         return {**body, "model": self.models.default(capability)}
 
     async def list_models(self, _body: Any = None) -> dict[str, Any]:
@@ -66,8 +64,8 @@ class Infinity:
         if isinstance(body, dict) and body.get("dimensions") == 0:
             body = {k: v for k, v in body.items() if k != "dimensions"}
         modality = str(body.get("modality", "text")).lower() if isinstance(body, dict) else ""
-        # audio: no model to pick, the family answers 501; an unknown modality: it names it
-        capability = None if modality == "audio" else MODALITY_CAPABILITY.get(modality, "embed")
+        # an unknown modality: the family names it
+        capability = MODALITY_CAPABILITY.get(modality, "embed")
         result = await self.embeddings_family.create(self._named(body, capability))
         return _stamped(result)
 
