@@ -4,30 +4,13 @@ their header says), at an odd rate, of too many channels, or not audio at all ar
 
 from __future__ import annotations
 
-import io
 import struct
 
 import numpy as np
 import pytest
-import soundfile as sf
 
+from audiofiles import FORMATS, encoded, tone
 from embedding_worker.core.audio import AudioError, AudioPolicy, decode, resample
-
-FORMATS = [("WAV", "PCM_16", 44100), ("WAV", "FLOAT", 16000), ("FLAC", "PCM_24", 44100),
-           ("OGG", "VORBIS", 44100), ("OGG", "OPUS", 48000), ("MP3", "MPEG_LAYER_III", 44100)]
-
-
-def tone(rate: int, seconds: float, hertz: float = 1000.0, channels: int = 2) -> np.ndarray:
-    t = np.arange(round(rate * seconds)) / rate
-    left = 0.5 * np.sin(2 * np.pi * hertz * t)
-    # the other channels are quiet copies: the mono mix is their mean
-    return np.stack([left] + [0.1 * left] * (channels - 1), axis=1).astype(np.float32)
-
-
-def encoded(samples: np.ndarray, rate: int, fmt: str = "WAV", subtype: str = "PCM_16") -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, rate, format=fmt, subtype=subtype)
-    return buffer.getvalue()
 
 
 def peak_hertz(samples: np.ndarray, rate: int) -> float:
@@ -99,3 +82,13 @@ def test_a_cut_file_gives_what_it_holds_or_a_named_error():
                 assert str(exc)
             else:
                 assert 0 < clip.seconds <= 2.0 and np.isfinite(clip.samples).all()
+
+
+def test_decoding_stops_at_its_deadline():
+    """The deadline is checked between blocks (the server's wait for it ends there too)."""
+    import time
+
+    data = encoded(tone(44100, 3.0), 44100)
+    with pytest.raises(AudioError, match=r"decoding did not finish in time \(HTTP_CLIENT_TIMEOUT\)"):
+        decode(data, 48000, deadline=time.monotonic() - 1)
+    assert decode(data, 48000, deadline=time.monotonic() + 60).seconds == 3.0

@@ -522,11 +522,13 @@ class ModelCard(ResponseBody):
     dimensions: int | None
     prompts: dict[str, str]
     default_prompt_name: str | None
+    sampling_rate: int | None = Field(None, description=(
+        "an audio model's: clips are resampled to it (present on audio models only)"))
     stats: ModelStats
 
 
 def model_card(info: ModelInfo, queue: QueueStats, created: int) -> dict[str, Any]:
-    return {
+    card = {
         "id": info.name,
         "object": "model",
         "owned_by": "infinity-embedding-worker",
@@ -544,6 +546,9 @@ def model_card(info: ModelInfo, queue: QueueStats, created: int) -> dict[str, An
         "stats": {"queue_fraction": queue.queue_fraction, "queue_absolute": queue.queue_absolute,
                   "results_pending": queue.results_pending},
     }
+    if info.sampling_rate is not None:
+        card["sampling_rate"] = info.sampling_rate
+    return card
 
 
 class ModelList(ResponseBody):
