@@ -148,6 +148,17 @@ class Target:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
+    def one_cell(self, path: str, body, concurrency: int, seconds: float) -> dict:
+        """Start, load one cell of `body(i)` requests, stop: the cell's summary, peak RSS."""
+        self.start()
+        try:
+            pid = self.proc.pid
+            got = asyncio.run(run_cell(self.url, path, body, concurrency, seconds,
+                                       server_cpu=lambda: tree_cpu_seconds(pid)))
+            return {**got.summary(), "peak_rss_mb": self.peak_rss / 2**20}
+        finally:
+            self.stop()
+
 
 def targets(models: dict[str, Path], out: Path) -> list[Target]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_NAMES", "SERVED_"))}

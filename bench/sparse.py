@@ -17,7 +17,6 @@ Loaded by this process's async client (its CPU is reported).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -28,11 +27,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-from load import run_cell  # noqa: E402
 from models import MAKE_PYLATE, write_splade_modules  # noqa: E402
 from references import (FLAG_EMBEDDING, PYLATE, SENTENCE_TRANSFORMERS_5,  # noqa: E402
                         WITHOUT_TRAINING_IMPORTS, installed)
-from run import Target, bench_models, free_port, tree_cpu_seconds  # noqa: E402
+from run import Target, bench_models, free_port  # noqa: E402
 from runtimes import cpu  # noqa: E402
 
 BATCHES = (8, 16, 32, 64)
@@ -170,14 +168,8 @@ def main() -> None:
         for who in ("reference", "lean-in-process"):
             rows.append({"who": who, **child(args.kind, who, model, texts, long, args.out)})
             print(json.dumps(rows[-1]), flush=True)
-        server.start()
-        try:
-            pid = server.proc.pid
-            got = asyncio.run(run_cell(server.url, "/v1/embeddings", body, CONCURRENCY,
-                                       args.seconds, server_cpu=lambda: tree_cpu_seconds(pid)))
-            rows.append({"who": "server", **got.summary(), "peak_rss_mb": server.peak_rss / 2**20})
-        finally:
-            server.stop()
+        rows.append({"who": "server",
+                     **server.one_cell("/v1/embeddings", body, CONCURRENCY, args.seconds)})
         print(json.dumps(rows[-1]), flush=True)
     (args.out / "results.json").write_text(json.dumps({"cpu": cpu(), "rows": rows}, indent=1))
     print("CPU:", cpu())

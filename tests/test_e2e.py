@@ -201,5 +201,5 @@ def test_openai_client_image_modality_with_private_opt_in(clip_server, image_hos
     assert "input[1]: HTTP 404 from 127.0.0.1" in str(info.value)
     with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model="tiny-clip", input="x", extra_body={"modality": "audio"})
-    assert ("model 'tiny-clip' does not support audio embeddings; it supports: image embeddings, "
-            "text embeddings") in str(info.value)
+    assert ("model 'tiny-clip' does not support audio embeddings; it supports: text embeddings, "
+            "image embeddings") in str(info.value)

@@ -74,13 +74,16 @@ def browser():
 
 @pytest.fixture(scope="module")
 def m3_server(tmp_path_factory):
-    """A tiny BGE-M3 (dense, sparse and multi-vector outputs) behind API_KEY, its pages public."""
-    from models import make_tiny_m3
+    """A tiny BGE-M3 (dense, sparse and multi-vector outputs) and a tiny CLAP (audio) behind
+    API_KEY, their pages public."""
+    from models import make_tiny_clap_audio, make_tiny_m3
     from server import BentoServer
 
     path = make_tiny_m3(tmp_path_factory.mktemp("m3") / "tiny-m3")
+    clap = make_tiny_clap_audio(tmp_path_factory.mktemp("clap") / "tiny-clap", fusion=False)
     # with a key, and the pages opened by the operator: the page asks for the key
-    srv = BentoServer({"MODEL_NAMES": str(path), "SERVED_MODEL_NAMES": "tiny-m3", "DTYPES": "fp32",
+    srv = BentoServer({"MODEL_NAMES": f"{path};{clap}", "SERVED_MODEL_NAMES": "tiny-m3;tiny-clap",
+                       "DTYPES": "fp32",
                        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "API_KEY": KEY,
                        "PUBLIC_PAGES": "true"},
                       tmp_path_factory.mktemp("m3-server") / "server.log")
@@ -206,6 +209,40 @@ def test_texts_and_an_image_file_on_an_image_model(page, dialect_server, tmp_pat
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     np.testing.assert_allclose(shown.reshape(3, 3), unit @ unit.T, atol=1e-6)
     assert "image file 1" in page.inner_text("#embed-out table")
+
+
+@pytest.mark.slow
+def test_texts_and_an_audio_file_on_an_audio_model(page, m3_server, tmp_path):
+    """An audio model (CLAP) takes audio files beside texts, as `{"audio": ...}` items."""
+    import base64
+
+    from audiofiles import encoded, tone
+
+    (tmp_path / "tone.wav").write_bytes(encoded(tone(16000, 1.5, 440.0), 16000))
+    page.goto(m3_server.url + "/")
+    page.fill("#key", KEY)
+    page.dispatch_event("#key", "change")
+    page.wait_for_selector("#model option[value='tiny-clap']", state="attached")
+    page.select_option("#model", "tiny-clap")
+    assert page.is_visible("#embed-files") and page.inner_text("#media-urls-label") == "Audio URLs"
+    assert page.get_attribute("#embed-files", "accept") == "audio/*"
+    page.fill("#embed-texts", "a dog barks\nrain falls on a tin roof")
+    page.set_input_files("#embed-files", str(tmp_path / "tone.wav"))
+    page.click("#embed-run")
+    page.wait_for_selector("#embed-out[data-done='1'] table.heatmap")
+    shown = np.array(page.eval_on_selector_all(
+        "#embed-out td[data-value]", "cells => cells.map(c => Number(c.dataset.value))"))
+    uri = "data:audio/wav;base64," + base64.b64encode((tmp_path / "tone.wav").read_bytes()).decode()
+    data = api(m3_server, "/v1/embeddings", {
+        "model": "tiny-clap", "encoding_format": "float",
+        "input": [{"text": "a dog barks"}, {"text": "rain falls on a tin roof"}, {"audio": uri}]},
+        KEY)["data"]
+    vectors = np.array([d["embedding"] for d in data])
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.testing.assert_allclose(shown.reshape(3, 3), unit @ unit.T, atol=1e-6)
+    assert "audio file 1" in page.inner_text("#embed-out table")
+    # the request shown sends the clip as an item (its data URI elided for display)
+    assert '{"audio": "data:audio/wav;base64,' in page.inner_text("#embed pre.snippet-python")
 
 
 def sparse_dot(a: dict, b: dict) -> float:

@@ -107,7 +107,15 @@ function modelChanged() {
   fillPrompts($("embed-prompt"), m);
   fillPrompts($("tokenize-prompt"), m);
   const can = new Set(m.capabilities);
-  $("images").hidden = !can.has("image_embed");
+  // an image model takes images beside texts, an audio model (CLAP) clips
+  const media = can.has("image_embed") ? "image" : can.has("audio_embed") ? "audio" : null;
+  $("media").hidden = media === null;
+  $("media").dataset.kind = media || "";
+  if (media) {
+    $("media-urls-label").textContent = media === "image" ? "Image URLs" : "Audio URLs";
+    $("media-files-label").textContent = `${media} files`;
+    $("embed-files").accept = `${media}/*`;
+  }
   // sparse vectors and multi-vectors where the model has them
   $("embed-kind-label").hidden = !can.has("sparse_embed") && !can.has("multi_embed");
   for (const [value, capability] of [["sparse", "sparse_embed"], ["multi", "multi_embed"]]) {
@@ -118,7 +126,7 @@ function modelChanged() {
   if (!can.has("embed") && $("embed-kind").value === "dense") {
     $("embed-kind").value = can.has("sparse_embed") ? "sparse" : "multi";
   }
-  const available = {embed: can.has("embed") || can.has("image_embed"), rerank: can.has("rerank"),
+  const available = {embed: can.has("embed") || media !== null, rerank: can.has("rerank"),
                      tokenize: m.window !== null};
   for (const button of document.querySelectorAll("#tabs button")) {
     button.disabled = !available[button.dataset.tab];
@@ -239,15 +247,17 @@ function heat(value, scale = 1) {  // -scale blue, 0 white, +scale red
 async function embed() {
   const m = model();
   const texts = lines("embed-texts");
-  const images = $("images").hidden ? [] : lines("embed-images");
-  if (!$("images").hidden) {
-    for (const file of $("embed-files").files) images.push(await fileAsDataUri(file));
+  const kindOfMedia = $("media").dataset.kind;  // "image", "audio", or "" (a text model)
+  const media = kindOfMedia ? lines("embed-media") : [];
+  if (kindOfMedia) {
+    for (const file of $("embed-files").files) media.push(await fileAsDataUri(file));
   }
-  const labels = [...texts, ...images.map((src, i) => src.startsWith("data:")
-    ? `image file ${i + 1}` : src)];
+  let files = 0;
+  const labels = [...texts, ...media.map((src) => src.startsWith("data:")
+    ? `${kindOfMedia} file ${++files}` : src)];
   const body = {model: m.id, encoding_format: "float"};
-  body.input = images.length
-    ? [...texts.map((text) => ({text})), ...images.map((image) => ({image}))] : texts;
+  body.input = media.length  // Jina's items: texts and images (or clips) in one space
+    ? [...texts.map((text) => ({text})), ...media.map((src) => ({[kindOfMedia]: src}))] : texts;
   const option = (id, name, convert = (v) => v) => {
     const value = $(id).value.trim();
     if (value !== "") body[name] = convert(value);
