@@ -176,7 +176,7 @@ def main() -> None:
                     "/v1", args.out / "worker.log")
 
     def body(i: int):
-        start = (i * PER_REQUEST) % (len(uris) - PER_REQUEST)
+        start = (i * PER_REQUEST) % (len(uris) - PER_REQUEST + 1)
         return ({"model": "clap", "modality": "audio", "input": uris[start:start + PER_REQUEST]},
                 PER_REQUEST, 0)
 
