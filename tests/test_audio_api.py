@@ -260,3 +260,28 @@ async def test_a_runpod_job_embeds_audio(clap_dir, image_host):
     assert json.loads(json.dumps(standard)) == standard
     assert standard["data"][0]["embedding"] == proxied["data"][0]["embedding"]
     assert standard["usage"]["audio_seconds"] == pytest.approx(0.6, abs=0.01)
+
+
+async def test_clips_of_concurrent_requests_share_batches(clap_dir, clap):
+    """One clip per request, eight requests at once: the model runs them in shared batches (of
+    BATCH_SIZES), and each request gets its own clip's vector."""
+    import asyncio
+
+    from embedding_worker.config import Settings
+    from embedding_worker.core.core import Core
+
+    files = [encoded(tone(48000, 0.3 + 0.1 * i, 300 + 40 * i), 48000) for i in range(8)]
+    core = Core(Settings(model_names=str(clap_dir), served_model_names="clap", batch_sizes="4"))
+    await core.start()
+    try:
+        model = core.models.get("clap")
+        before = model.heartbeat.batches
+        answers = await asyncio.gather(*(core.embeddings.create({
+            "model": "clap", "modality": "audio",
+            "input": [base64.b64encode(data).decode()]}) for data in files))
+        batches = model.heartbeat.batches - before
+    finally:
+        await core.stop()
+    assert batches < len(files)  # the first alone (an idle model is called at once), then 4s
+    got = np.array([answer["data"][0]["embedding"] for answer in answers])
+    np.testing.assert_allclose(got, transformers_audio(clap, files), atol=2e-5)

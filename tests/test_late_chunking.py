@@ -128,7 +128,7 @@ async def test_a_document_past_the_window(core, tiny_models):
 async def test_what_cannot_be_late_chunked(core, tiny_models):
     with pytest.raises(BadRequest, match="pools by cls"):
         await core.embeddings.create({"model": "tiny-cls", "input": CHUNKS, "late_chunking": True})
-    with pytest.raises(BadRequest, match="images cannot be chunks"):
+    with pytest.raises(BadRequest, match="images and audio cannot be chunks"):
         await core.embeddings.create({"model": "tiny", "late_chunking": True,
                                       "input": [{"text": "a"}, {"image": "data:image/png;base64,AAAA"}]})
     card = core.models.card("tiny")

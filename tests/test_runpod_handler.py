@@ -97,7 +97,7 @@ async def test_seed_rerank_standard_and_openai(handler):
 @pytest.mark.parametrize("job_input, message", [
     ({"model": "nope", "input": "x"}, "model 'nope' is not served here"),
     ({"model": MINILM, "input": ["ok", ""]}, "input[1]: empty string"),
-    ({"model": MINILM, "input": "x", "modality": "audio"}, "modality 'audio' is not supported yet"),
+    ({"model": MINILM, "input": "x", "modality": "audio"}, f"model '{MINILM}' does not support audio embeddings"),
     ({"openai_route": "/v1/chat/completions", "openai_input": {}}, "openai_route '/v1/chat/completions' is not supported"),
     ({"openai_route": "/v1/embeddings"}, "model: field required"),
     ({"prompt": "hello"}, 'unrecognised job input; expected {"route"'),

@@ -65,6 +65,9 @@ class Embeddings:
         self.models = models
         self.media = media
         self.batcher = PerModel(lambda model: model.embed, len)
+        # clips of every request batched together: a CLAP model's input is one window whatever
+        # the clip's length, so they are all of one length here
+        self.clips = PerModel(lambda model: model.embed_audio, lambda _clip: 1)
         self.cache = cache
         self.cached = {spec.served_name for spec in pipeline.settings.models if spec.cache}
         self.outputs = Outputs(self)  # sparse and multi-vectors, through this family's batchers
@@ -135,8 +138,8 @@ class Embeddings:
                 except BadRequest:
                     metrics.audio_failure(job.model)
                     raise
-                found, _ = await pipeline.compute(
-                    model, model.embed_audio([clip.samples for clip in clips]), served)
+                found = await pipeline.compute(
+                    model, self.clips(model).submit([clip.samples for clip in clips]), served)
                 seconds = sum(clip.seconds for clip in clips)
                 for i, row in zip(audio_at, found):
                     rows[i] = row
