@@ -52,12 +52,17 @@ def device() -> str:
 @pytest.fixture(scope="module")
 def server(device, tiny_models, tmp_path_factory):
     """One server for every model of this module (each start costs ~10-30 s): the tiny embedder
-    at three precisions, the reranker at two, CLIP, and on CUDA the out-of-memory model."""
+    at three precisions, the reranker at two, CLIP, a fused CLAP, and on CUDA the out-of-memory
+    model."""
+    from models import make_tiny_clap_audio
+
+    clap = make_tiny_clap_audio(tmp_path_factory.mktemp("clap") / "tiny-clap", fusion=True)
     models = [("embed-auto", tiny_models["embed"], "auto"),
               ("embed-fp32", tiny_models["embed"], "float32"),
               ("rerank-auto", tiny_models["rerank"], "auto"),
               ("rerank-fp32", tiny_models["rerank"], "float32"),
-              ("clip", tiny_models["clip"], "auto")]
+              ("clip", tiny_models["clip"], "auto"),
+              ("clap", clap, "auto")]
     if device == "cuda":
         wide = make_bert(tmp_path_factory.mktemp("oom") / "oom", layers=1, hidden=32, heads=2,
                          intermediate=OOM_WIDTH)
@@ -70,6 +75,7 @@ def server(device, tiny_models, tmp_path_factory):
         "DEVICE": device,
         "BATCH_SIZES": "32",
     }, tmp_path_factory.mktemp("gpu-server") / "server.log")
+    srv.models = [(name, path) for name, path, _ in models]
     yield srv.start(timeout=300)
     srv.stop()
 
@@ -140,6 +146,27 @@ def test_clip_images_and_texts_on_the_device(server, tiny_models, record_propert
     assert min_cosine(got[:1], got[1:2]) < 0.999  # different images, different vectors
     got = embed(server, "clip", texts, modality="text")
     assert min_cosine(got, cpu_texts.numpy()) >= 0.99
+
+
+def test_clap_audio_and_texts_on_the_device(server, record_property):
+    """A CLAP model (engine/clap_engine.py, torch on the device, float32 under DTYPES=auto): its
+    clips and texts against the same model on the CPU."""
+    from audiofiles import encoded, tone
+    from embedding_worker.core.audio import decode
+    from embedding_worker.engine.clap import Clap
+
+    model_dir = next(path for name, path in server.models if name == "clap")
+    files = [encoded(tone(48000, seconds, hertz), 48000)
+             for seconds, hertz in ((0.5, 300.0), (1.0, 700.0), (2.5, 1100.0))]  # the last: long
+    cpu = Clap(model_dir)
+    texts = ["a dog barks", "rain on a tin roof"]
+    got = embed(server, "clap", [base64.b64encode(data).decode() for data in files],
+                modality="audio")
+    expected = cpu.embed_audio([decode(data, cpu.rate).samples for data in files])
+    record_property("cosine_min_clap_audio_vs_cpu", min_cosine(got, expected))
+    assert min_cosine(got, expected) >= 0.999  # TF32 on CUDA (infinity turns it on)
+    got = embed(server, "clap", texts)
+    assert min_cosine(got, cpu.embed_text(texts)) >= 0.999
 
 
 def test_reranker_on_the_device(server, device, tiny_models, record_property):
