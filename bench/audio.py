@@ -26,7 +26,6 @@ import base64
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-from run import Target, bench_models, free_port  # noqa: E402
+from run import Target, bench_models, free_port, run_child  # noqa: E402
 from runtimes import cpu  # noqa: E402
 
 BATCHES = (1, 4, 8, 16)
@@ -146,12 +145,7 @@ def decoding_cost(wavs: list[bytes], mp3s: list[bytes]) -> dict:
 def child(who: str, model: Path, clips: list[Path], out: Path) -> dict:
     args = {"who": who, "model": str(model), "clips": [str(p) for p in clips],
             "batches": BATCHES}
-    (out / "child-args.json").write_text(json.dumps(args))
-    done = subprocess.run([sys.executable, "-c", CHILD, str(out / "child-args.json")],
-                          capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, args, out)
 
 
 def main() -> None:

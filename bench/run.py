@@ -160,6 +160,17 @@ class Target:
             self.stop()
 
 
+def run_child(code: str, args: dict, out: Path, env: dict[str, str] | None = None) -> dict:
+    """`code` in a fresh Python with `args` (as JSON in a file, its path as argv[1]); the JSON of
+    its last line of output."""
+    (out / "child-args.json").write_text(json.dumps(args))
+    done = subprocess.run([sys.executable, "-c", code, str(out / "child-args.json")], env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def targets(models: dict[str, Path], out: Path) -> list[Target]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_NAMES", "SERVED_"))}
     base.update(HF_HUB_OFFLINE="1", BENTOML_DO_NOT_TRACK="true", DO_NOT_TRACK="1",

@@ -30,7 +30,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from models import MAKE_PYLATE, write_splade_modules  # noqa: E402
 from references import (FLAG_EMBEDDING, PYLATE, SENTENCE_TRANSFORMERS_5,  # noqa: E402
                         WITHOUT_TRAINING_IMPORTS, installed)
-from run import Target, bench_models, free_port  # noqa: E402
+from run import Target, bench_models, free_port, run_child  # noqa: E402
 from runtimes import cpu  # noqa: E402
 
 BATCHES = (8, 16, 32, 64)
@@ -126,12 +126,7 @@ def child(kind: str, who: str, model: Path, texts: list[str], long: list[str], o
             code = "import sys\n" + WITHOUT_TRAINING_IMPORTS + CHILD
     args = {"kind": kind, "who": who, "model": str(model), "texts": texts, "long": long,
             "batches": BATCHES}
-    (out / "child-args.json").write_text(json.dumps(args))
-    done = subprocess.run([sys.executable, "-c", code, str(out / "child-args.json")], env=env,
-                          capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(code, args, out, env)
 
 
 def main() -> None:

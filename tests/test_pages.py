@@ -185,37 +185,43 @@ def test_every_option_of_embed(page, dialect_server):
     np.testing.assert_allclose(shown, expected, atol=1e-9)
 
 
+def file_beside_texts(page, server, model: str, texts: list[str], path, kind: str, mime: str,
+                      key: str | None = None) -> None:
+    """Run the texts and the file at `path` (an image or audio file) on the page: its cosines
+    are the API's for the same Jina-style items, and the file is named in the table."""
+    import base64
+
+    page.fill("#embed-texts", "\n".join(texts))
+    page.set_input_files("#embed-files", str(path))
+    page.click("#embed-run")
+    page.wait_for_selector("#embed-out[data-done='1'] table.heatmap")
+    shown = np.array(page.eval_on_selector_all(
+        "#embed-out td[data-value]", "cells => cells.map(c => Number(c.dataset.value))"))
+    uri = f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+    data = api(server, "/v1/embeddings", {
+        "model": model, "encoding_format": "float",
+        "input": [*({"text": text} for text in texts), {kind: uri}]}, key)["data"]
+    vectors = np.array([d["embedding"] for d in data])
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.testing.assert_allclose(shown.reshape(len(data), len(data)), unit @ unit.T, atol=1e-6)
+    assert f"{kind} file 1" in page.inner_text("#embed-out table")
+
+
 @pytest.mark.slow
 def test_texts_and_an_image_file_on_an_image_model(page, dialect_server, tmp_path):
     """An image model takes image files beside texts (sent as data URIs, Jina-style items)."""
-    import base64
-
     from PIL import Image
 
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
     open_playground(page, dialect_server, "tiny-clip")
     assert page.is_visible("#embed-files")
-    page.fill("#embed-texts", "a red square\na photo of the sea")
-    page.set_input_files("#embed-files", str(tmp_path / "red.png"))
-    page.click("#embed-run")
-    page.wait_for_selector("#embed-out[data-done='1'] table.heatmap")
-    shown = np.array(page.eval_on_selector_all(
-        "#embed-out td[data-value]", "cells => cells.map(c => Number(c.dataset.value))"))
-    uri = "data:image/png;base64," + base64.b64encode((tmp_path / "red.png").read_bytes()).decode()
-    data = api(dialect_server, "/v1/embeddings", {
-        "model": "tiny-clip", "encoding_format": "float",
-        "input": [{"text": "a red square"}, {"text": "a photo of the sea"}, {"image": uri}]})["data"]
-    vectors = np.array([d["embedding"] for d in data])
-    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    np.testing.assert_allclose(shown.reshape(3, 3), unit @ unit.T, atol=1e-6)
-    assert "image file 1" in page.inner_text("#embed-out table")
+    file_beside_texts(page, dialect_server, "tiny-clip", ["a red square", "a photo of the sea"],
+                      tmp_path / "red.png", "image", "image/png")
 
 
 @pytest.mark.slow
 def test_texts_and_an_audio_file_on_an_audio_model(page, m3_server, tmp_path):
     """An audio model (CLAP) takes audio files beside texts, as `{"audio": ...}` items."""
-    import base64
-
     from audiofiles import encoded, tone
 
     (tmp_path / "tone.wav").write_bytes(encoded(tone(16000, 1.5, 440.0), 16000))
@@ -226,21 +232,8 @@ def test_texts_and_an_audio_file_on_an_audio_model(page, m3_server, tmp_path):
     page.select_option("#model", "tiny-clap")
     assert page.is_visible("#embed-files") and page.inner_text("#media-urls-label") == "Audio URLs"
     assert page.get_attribute("#embed-files", "accept") == "audio/*"
-    page.fill("#embed-texts", "a dog barks\nrain falls on a tin roof")
-    page.set_input_files("#embed-files", str(tmp_path / "tone.wav"))
-    page.click("#embed-run")
-    page.wait_for_selector("#embed-out[data-done='1'] table.heatmap")
-    shown = np.array(page.eval_on_selector_all(
-        "#embed-out td[data-value]", "cells => cells.map(c => Number(c.dataset.value))"))
-    uri = "data:audio/wav;base64," + base64.b64encode((tmp_path / "tone.wav").read_bytes()).decode()
-    data = api(m3_server, "/v1/embeddings", {
-        "model": "tiny-clap", "encoding_format": "float",
-        "input": [{"text": "a dog barks"}, {"text": "rain falls on a tin roof"}, {"audio": uri}]},
-        KEY)["data"]
-    vectors = np.array([d["embedding"] for d in data])
-    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    np.testing.assert_allclose(shown.reshape(3, 3), unit @ unit.T, atol=1e-6)
-    assert "audio file 1" in page.inner_text("#embed-out table")
+    file_beside_texts(page, m3_server, "tiny-clap", ["a dog barks", "rain falls on a tin roof"],
+                      tmp_path / "tone.wav", "audio", "audio/wav", KEY)
     # the request shown sends the clip as an item (its data URI elided for display)
     assert '{"audio": "data:audio/wav;base64,' in page.inner_text("#embed pre.snippet-python")
 
