@@ -42,6 +42,7 @@ from embedding_worker.core.pipeline import parse
 from embedding_worker.core.schemas import (
     MEDIA,
     MODALITIES,
+    Audio,
     Image,
     EmbeddingRequest,
     EmbedItem,
@@ -417,7 +418,7 @@ def test_parse_returns_a_model_or_raises_bad_request(body):
         assert isinstance(result, model)
         if model is EmbeddingRequest:
             assert result.input and all(
-                (isinstance(t, str) and t.strip()) or (isinstance(t, Image) and t.url.strip())
+                (isinstance(t, str) and t.strip()) or (isinstance(t, (Image, Audio)) and t.url.strip())
                 for t in result.input)
             assert result.dimensions is None or result.dimensions >= 1
             assert result.modality in MODALITIES
