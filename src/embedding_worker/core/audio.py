@@ -21,13 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .media import MediaError
-
 FORMATS = "WAV, FLAC, Ogg (Vorbis, Opus) or MP3"
 _BLOCK = 1 << 16  # frames decoded at a time
 
 
-class AudioError(MediaError):
+class AudioError(Exception):
     """Why one item is not usable audio; the caller adds the item's index."""
 
 

@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .audio import AudioError, AudioPolicy, Clip, decode
 from .errors import BadRequest, too_many
 
 if TYPE_CHECKING:  # httpx and PIL are imported on the first image: not by a text-only service
@@ -31,7 +32,6 @@ if TYPE_CHECKING:  # httpx and PIL are imported on the first image: not by a tex
     from PIL.Image import Image
 
     from ..config import Settings
-    from .audio import Clip
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=\r\n_-]+$")
@@ -272,8 +272,6 @@ class MediaFetcher:
     async def _clip(self, item: str, rate: int) -> Clip:
         """The clip, fetched and decoded within the item's one deadline: decoding checks it
         between blocks, and the wait for it ends at the deadline whatever the decoder does."""
-        from .audio import AudioPolicy, decode
-
         timeout = self.policy.timeout
         deadline = time.monotonic() + timeout
         data, note = await self._bytes(item, "audio", self.policy.audio_max_bytes)
@@ -284,10 +282,10 @@ class MediaFetcher:
         except TimeoutError:
             raise MediaError(f"fetching and decoding took longer than {timeout:g} s "
                              f"(HTTP_CLIENT_TIMEOUT)") from None
-        except MediaError as exc:
+        except AudioError as exc:
             if note and str(exc).startswith("not audio"):
                 raise MediaError(note) from None
-            raise
+            raise MediaError(str(exc)) from None
 
     async def _bytes(self, item: str, kind: str, max_bytes: int) -> tuple[bytes, str]:
         """The item's bytes, and a note when its server called it text/*."""
