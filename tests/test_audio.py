@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from audiofiles import FORMATS, encoded, tone
-from embedding_worker.core.audio import AudioError, AudioPolicy, decode, resample
+from embedding_worker.core.audio import MAX_FACTOR, AudioError, AudioPolicy, decode, ratio, resample
 
 
 def peak_hertz(samples: np.ndarray, rate: int) -> float:
@@ -38,6 +38,25 @@ def test_the_models_own_rate_passes_untouched():
     np.testing.assert_array_equal(resample(clip.samples, 48000, 48000), clip.samples)
     # 44.1 kHz -> 48 kHz by 160/147: a second is a second
     assert len(resample(np.zeros(44100, np.float32), 44100, 48000)) == 48000
+
+
+@pytest.mark.parametrize("source", [8000, 11025, 16000, 22050, 32000, 44100, 88200, 96000,
+                                    176400, 192000])
+def test_the_usual_rates_resample_by_their_exact_ratio(source):
+    up, down = ratio(source, 48000)
+    assert up * source == down * 48000
+
+
+@pytest.mark.parametrize("source", [4001, 44101, 191999])
+def test_an_odd_rate_costs_no_more_than_a_usual_one(source):
+    """Its exact ratio would need a filter of millions of taps (seconds and hundreds of MB a
+    clip); the nearest ratio of small terms keeps the tone where it was."""
+    up, down = ratio(source, 48000)
+    assert max(up, down) <= MAX_FACTOR
+    assert abs(up / down * source / 48000 - 1) < 5e-4
+    clip = decode(encoded(tone(source, 2.0, 1000.0, channels=1), source), 48000)
+    assert abs(len(clip.samples) - 96000) <= 96000 * 5e-4
+    assert abs(peak_hertz(clip.samples, 48000) - 1000) < 1
 
 
 def test_a_clip_over_the_cap_is_refused_whatever_its_header_says():

@@ -6,10 +6,11 @@ Ogg headers carry no reliable length (a WAV's can lie too), so the samples are r
 the decoding stops as soon as the clip passes the duration cap; each block is folded to one
 channel as it comes, so memory is bounded by the cap in seconds times the rate, not by the file.
 The sampling rate and the channel count are checked before a sample is read. Resampling is
-polyphase (scipy's `resample_poly`) by the reduced ratio of the two rates: the same bytes always
-give the same samples. libsndfile (through `soundfile`) reads WAV, FLAC, Ogg Vorbis and Opus, and
-MP3; it and scipy are imported at the first clip, not by a service that never sees one. A
-deadline, when given, is checked between blocks.
+polyphase (scipy's `resample_poly`) by the ratio of the two rates, in terms small enough that an
+odd rate costs no more than a usual one (`ratio`): the same bytes always give the same samples.
+libsndfile (through `soundfile`) reads WAV, FLAC, Ogg Vorbis and Opus, and MP3; it and scipy are
+imported at the first clip, not by a service that never sees one. A deadline, when given, is
+checked between blocks.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import io
 import math
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
 FORMATS = "WAV, FLAC, Ogg (Vorbis, Opus) or MP3"
 _BLOCK = 1 << 16  # frames decoded at a time
+MAX_FACTOR = 1024  # the resampling's largest up or down factor (`ratio`)
 
 
 class AudioError(Exception):
@@ -86,8 +89,18 @@ def resample(samples: np.ndarray, source: int, target: int) -> np.ndarray:
         return samples
     from scipy.signal import resample_poly
 
-    common = math.gcd(source, target)
-    return resample_poly(samples, target // common, source // common).astype(np.float32)
+    up, down = ratio(source, target)
+    return resample_poly(samples, up, down).astype(np.float32)
+
+
+def ratio(source: int, target: int) -> tuple[int, int]:
+    """Up and down factors from `source` Hz to `target` Hz, neither over `MAX_FACTOR`. The
+    polyphase filter has ~20 taps per unit of the larger factor: the exact ratio of an odd rate
+    (191,999 Hz to 48 kHz: 48,000 / 191,999) would cost 0.9 s and 200 MB a clip, so such a rate
+    is taken at the nearest ratio of small terms (within 0.05 %); the usual rates are exact."""
+    limit = max(1, min(MAX_FACTOR, MAX_FACTOR * source // target))
+    near = Fraction(target, source).limit_denominator(limit)
+    return near.numerator, near.denominator
 
 
 def _reason(exc: BaseException) -> str:
