@@ -111,3 +111,24 @@ def test_decoding_stops_at_its_deadline():
     with pytest.raises(AudioError, match=r"decoding did not finish in time \(HTTP_CLIENT_TIMEOUT\)"):
         decode(data, 48000, deadline=time.monotonic() - 1)
     assert decode(data, 48000, deadline=time.monotonic() + 60).seconds == 3.0
+
+
+def test_a_first_clip_does_not_pay_for_the_imports_within_its_deadline():
+    """soundfile and scipy take ~1 s to import; a server's first clip, with a deadline shorter
+    than that, is decoded all the same (the imports happen before its clock starts)."""
+    import base64
+    import subprocess
+    import sys
+
+    data = base64.b64encode(encoded(tone(44100, 0.2, channels=1), 44100)).decode()  # resampled
+    code = f"""
+import asyncio, sys
+from embedding_worker.config import Settings
+from embedding_worker.core.media import MediaFetcher
+assert "scipy.signal" not in sys.modules and "soundfile" not in sys.modules
+clips = asyncio.run(MediaFetcher(Settings(http_client_timeout=0.3)).load_audio([{data!r}], 48000))
+print(len(clips[0].samples))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["9600"]

@@ -239,7 +239,7 @@ def _start_ray(address: str | None, workers: int | None, cpus: int | None,
     placement on it, said on stderr."""
     import ray
 
-    if ray.is_initialized():  # called from a program of the user's own on Ray
+    if ray.is_initialized():  # called from a program of the user's own on Ray: its cluster
         pass
     elif address:
         ray.init(address=address)
@@ -270,7 +270,7 @@ def _filesystem(uri: str) -> tuple[Any, str]:
     from pyarrow import fs
 
     if "://" not in uri:
-        return fs.LocalFileSystem(), os.path.abspath(uri)
+        return fs.LocalFileSystem(), _absolute(uri)
     try:
         return fs.FileSystem.from_uri(uri)
     except pa.ArrowInvalid:

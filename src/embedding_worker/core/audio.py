@@ -15,6 +15,7 @@ checked between blocks.
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
 import time
@@ -44,6 +45,13 @@ class AudioPolicy:
 class Clip:
     samples: np.ndarray  # float32, one channel, at the rate asked for
     seconds: float  # the clip's own length
+
+
+def load_libraries() -> None:
+    """Import libsndfile's binding and scipy's resampler (~0.3-1 s the first time): done before a
+    first clip's deadline starts, which is the clip's, not the server's imports."""
+    for name in ("soundfile", "scipy.signal"):
+        importlib.import_module(name)
 
 
 def decode(data: bytes, rate: int, policy: AudioPolicy = AudioPolicy(),

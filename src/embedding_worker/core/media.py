@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .audio import AudioError, AudioPolicy, Clip, decode
+from .audio import AudioError, AudioPolicy, Clip, decode, load_libraries
 from .errors import BadRequest, too_many
 
 if TYPE_CHECKING:  # httpx and PIL are imported on the first image: not by a text-only service
@@ -205,6 +205,7 @@ class MediaFetcher:
         self.settings = settings
         self.policy = MediaPolicy.from_settings(settings)
         self._client: httpx.AsyncClient | None = None
+        self._decoders = False  # audio's libraries imported (`audio.load_libraries`)
 
     def _open(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -272,6 +273,9 @@ class MediaFetcher:
     async def _clip(self, item: str, rate: int) -> Clip:
         """The clip, fetched and decoded within the item's one deadline: decoding checks it
         between blocks, and the wait for it ends at the deadline whatever the decoder does."""
+        if not self._decoders:
+            await asyncio.to_thread(load_libraries)
+            self._decoders = True
         timeout = self.policy.timeout
         deadline = time.monotonic() + timeout
         data, note = await self._bytes(item, "audio", self.policy.audio_max_bytes)

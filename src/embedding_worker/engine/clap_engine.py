@@ -1,41 +1,25 @@
 """CLAP models (audio and text in one space) behind the engine seam, on the service's own torch
 code (`engine.clap`), not infinity's CLAP path (docs/architecture.md says why).
 
-A model whose config.json says `model_type: clap` is served here, on the device torch gets
-(`combined.device_hint`), in float32 unless DTYPES asks for float16 or bfloat16. Texts come
-through the core's batcher like any model's; a request's clips come at once and run in batches of
-the model's BATCH_SIZES. One forward pass at a time (its threads take every core); a batch that
-raises is redone clip by clip (`fault_guard`), so only the failing items' requests fail.
+A model whose config.json says `model_type: clap` is served here (`combined` decides), on the
+device torch gets (`combined.device_hint`), in float32 unless DTYPES asks for float16 or
+bfloat16. Texts and clips both come through the core's batchers, in batches of the model's
+BATCH_SIZES. One forward pass at a time (its threads take every core); a batch that raises is
+redone item by item (`fault_guard`), so only the failing items' requests fail.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from ..config import ConfigError, ModelSpec, Settings
-from ..observability.logs import one_line
 from . import clap, onnx_export
 from .base import Engine, Heartbeat, ModelBackend, ModelInfo, QueueStats, Rows, Tokens, tokens_of
 from .fault_guard import FaultGuard
 from .runtime import FP32
-
-logger = logging.getLogger("embedding_worker")
-
-
-def is_clap(source: str) -> bool:
-    """Its config.json says CLAP (a hub model's: read from its describing files, fetched)."""
-    try:
-        directory = onnx_export.local_dir(source, onnx_export.DESCRIBING_FILES)
-        config = json.loads((directory / "config.json").read_text())
-    except Exception as exc:  # noqa: BLE001 - not ours to judge: infinity loads it or says why not
-        logger.debug("model %s: config.json not read (%s)", source, one_line(exc))
-        return False
-    return config.get("model_type") == "clap"
 
 
 class ClapBackend(ModelBackend):
@@ -78,10 +62,7 @@ class ClapBackend(ModelBackend):
         return await asyncio.to_thread(self._texts, texts), 0
 
     async def embed_audio(self, clips: list[Any]) -> Rows:
-        size, rows = max(1, self.info.batch_size), []
-        for start in range(0, len(clips), size):
-            rows += await asyncio.to_thread(self._clips, clips[start:start + size])
-        return rows, 0
+        return await asyncio.to_thread(self._clips, clips), 0
 
     async def embed_images(self, images: list[Any]) -> Rows:
         raise NotImplementedError("a CLAP model embeds audio and text, not images")

@@ -176,11 +176,11 @@ class CombinedEngine(Engine):
                 raise exc
             parts.append(lean)
             rest = [spec for spec in rest if spec.served_name not in several]
-        from . import clap_engine  # numpy and the audio code: only where torch serves a model
+        claps = [spec for spec in rest if model_config.model_type(spec.source) == "clap"]
+        if claps:  # audio on the service's own torch code
+            from .clap_engine import ClapEngine
 
-        claps = [spec for spec in rest if clap_engine.is_clap(spec.source)]
-        if claps:  # audio on the service's own torch code (engine.clap_engine)
-            engine = clap_engine.ClapEngine(self.settings, claps, device_hint(self.settings))
+            engine = ClapEngine(self.settings, claps, device_hint(self.settings))
             engine.load()
             parts.append(engine)
             rest = [spec for spec in rest if spec not in claps]

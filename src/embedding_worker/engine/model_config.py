@@ -25,6 +25,16 @@ def _find(source: str, filename: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+def model_type(source: str) -> str | None:
+    """config.json's `model_type` (a hub model's from the local cache: the engine has fetched its
+    describing files by now); None without one."""
+    path = _find(source, "config.json")
+    try:
+        return json.loads(path.read_text()).get("model_type") if path is not None else None
+    except (OSError, ValueError):
+        return None
+
+
 def st_prompts(source: str) -> tuple[dict[str, str], str | None]:
     """The model's `prompts` and `default_prompt_name` (sentence-transformers' own config)."""
     path = _find(source, PROMPTS_FILE)

@@ -100,6 +100,11 @@ function fillPrompts(select, m) {
   for (const name of Object.keys(m.prompts)) select.append(new Option(name, name));
 }
 
+function mediaOf(m) {  // an image model takes images beside texts, an audio model (CLAP) clips
+  const can = new Set(m.capabilities);
+  return can.has("image_embed") ? "image" : can.has("audio_embed") ? "audio" : null;
+}
+
 function modelChanged() {
   const m = model();
   if (!m) return;
@@ -107,10 +112,8 @@ function modelChanged() {
   fillPrompts($("embed-prompt"), m);
   fillPrompts($("tokenize-prompt"), m);
   const can = new Set(m.capabilities);
-  // an image model takes images beside texts, an audio model (CLAP) clips
-  const media = can.has("image_embed") ? "image" : can.has("audio_embed") ? "audio" : null;
+  const media = mediaOf(m);
   $("media").hidden = media === null;
-  $("media").dataset.kind = media || "";
   if (media) {
     $("media-urls-label").textContent = media === "image" ? "Image URLs" : "Audio URLs";
     $("media-files-label").textContent = `${media} files`;
@@ -247,7 +250,7 @@ function heat(value, scale = 1) {  // -scale blue, 0 white, +scale red
 async function embed() {
   const m = model();
   const texts = lines("embed-texts");
-  const kindOfMedia = $("media").dataset.kind;  // "image", "audio", or "" (a text model)
+  const kindOfMedia = mediaOf(m);  // "image", "audio", or null (a text model)
   const media = kindOfMedia ? lines("embed-media") : [];
   if (kindOfMedia) {
     for (const file of $("embed-files").files) media.push(await fileAsDataUri(file));
