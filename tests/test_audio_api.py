@@ -211,6 +211,30 @@ def test_what_is_refused_names_the_item(audio_server, image_host, item, status, 
     assert error["error"]["code"] == "invalid_audio"
 
 
+def test_an_ogg_labelled_application_is_taken_and_refusals_are_counted(audio_server, image_host):
+    """Ogg is often labelled application/ogg: taken as audio. A refused clip counts in
+    embedding_worker_audio_fetch_failures_total."""
+    import re
+
+    data, _ = image_host.images["/a.ogg"]
+    raw = base64.b64encode(data).decode()
+    payload = post(audio_server, "/v1/embeddings", {"model": "clap", "modality": "audio",
+                                                    "input": [f"data:application/ogg;base64,{raw}",
+                                                              image_host.url("/a.ogg")]})
+    a, b = vectors(payload)
+    np.testing.assert_array_equal(a, b)
+
+    def failures() -> float:
+        found = re.search(r'embedding_worker_audio_fetch_failures_total\{model="clap"\} ([0-9.]+)',
+                          httpx.get(f"{audio_server.url}/metrics").text)
+        return float(found[1]) if found else 0.0
+
+    before = failures()
+    post(audio_server, "/v1/embeddings", {"model": "clap", "modality": "audio",
+                                          "input": [image_host.url("/red.png")]}, 400)
+    assert failures() == before + 1
+
+
 def test_too_many_clips_is_a_413(audio_server, image_host):
     error = post(audio_server, "/v1/embeddings", {
         "model": "clap", "modality": "audio", "input": [image_host.url("/a.wav")] * 7}, 413)
@@ -234,6 +258,33 @@ def test_the_server_keeps_serving_after_refusals(audio_server, image_host, clap)
         else:
             assert answer.status_code == 200
             np.testing.assert_allclose(answer.json()["data"][0]["embedding"], expected, atol=2e-5)
+
+
+async def test_clap_precision_follows_dtypes(clap_dir, clap):
+    """DTYPES: auto is float32; bf16 is served (close to float32); a dtype a CLAP model does not
+    run in fails the start with the reason."""
+    from embedding_worker.config import Settings
+    from embedding_worker.core.core import Core
+
+    data = encoded(tone(48000, 0.7, 500.0), 48000)
+    body = {"model": "clap", "modality": "audio", "input": [base64.b64encode(data).decode()]}
+    expected = transformers_audio(clap, [data])
+    for dtype, served, tolerance in (("auto", "float32", 2e-5), ("bf16", "bfloat16", 0.05)):
+        core = Core(Settings(model_names=str(clap_dir), served_model_names="clap", dtypes=dtype))
+        await core.start()
+        try:
+            assert core.models.get("clap").info.dtype == served
+            got = np.array((await core.embeddings.create(body))["data"][0]["embedding"])
+        finally:
+            await core.stop()
+        np.testing.assert_allclose(got, expected[0], atol=tolerance)
+    core = Core(Settings(model_names=str(clap_dir), served_model_names="clap", dtypes="int8"))
+    await core.start()
+    try:
+        assert core.engine.state == "failed"
+        assert "a CLAP model runs in float32, float16, bfloat16" in core.engine.failure
+    finally:
+        await core.stop()
 
 
 async def test_a_runpod_job_embeds_audio(clap_dir, image_host):
