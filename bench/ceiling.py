@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-from limit import cell_items  # noqa: E402
+from limit import cell_items, engine_model  # noqa: E402
 from run import bench_models  # noqa: E402
 from runtimes import cpu  # noqa: E402
 from versus import CELLS  # noqa: E402
@@ -70,15 +70,8 @@ def main() -> None:
     parser.add_argument("--burn", default="0,150,300,600", help="us of CPU per text, comma-separated")
     parser.add_argument("--feeders", type=int, default=1, help="threads calling the model")
     args = parser.parse_args()
-    from embedding_worker.config import Settings, onnx_cache_dirs
-    from embedding_worker.engine.combined import onnx_plans
-    from embedding_worker.engine.ort import OrtEngine
-
     models, corpus, tokens = bench_models()
-    settings = Settings(model_names=str(models["minilm"]), served_model_names="minilm")
-    engine = OrtEngine(settings, onnx_plans(settings, "cpu", onnx_cache_dirs(settings)))
-    engine.load()
-    model = engine.models["minilm"]
+    model = engine_model(models, "minilm")
     cell = next(c for c in CELLS if c["kind"] == "embed" and c["size"] == 1)
     items = cell_items(cell, corpus, tokens)
     length = dict(zip(items, model.count_tokens(items)))

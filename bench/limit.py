@@ -55,18 +55,21 @@ def cell_items(cell: dict, corpus: list[str], tokens: list[int]) -> list:
     return items
 
 
-def in_process(cell: dict, models: dict[str, Path]) -> dict:
-    """Run in a child (`--in-process`): the model as the server's engine opens it."""
+def engine_model(models: dict[str, Path], name: str):
+    """The bench's model `name` ("minilm" or "reranker") as the server's engine opens it."""
     from embedding_worker.config import Settings, onnx_cache_dirs
     from embedding_worker.engine.combined import onnx_plans
     from embedding_worker.engine.ort import OrtEngine
 
-    settings = Settings(model_names=f"{models['minilm']};{models['reranker']}",
-                        served_model_names="minilm;reranker")
+    settings = Settings(model_names=str(models[name]), served_model_names=name)
     engine = OrtEngine(settings, onnx_plans(settings, "cpu", onnx_cache_dirs(settings)))
     engine.load()
-    name = "reranker" if cell["kind"] == "rerank" else "minilm"
-    model = engine.models[name]
+    return engine.models[name]
+
+
+def in_process(cell: dict, models: dict[str, Path]) -> dict:
+    """Run in a child (`--in-process`): the model as the server's engine opens it."""
+    model = engine_model(models, "reranker" if cell["kind"] == "rerank" else "minilm")
     _, corpus, tokens = bench_models()
     items = cell_items(cell, corpus, tokens)
     lengths = model.count_tokens([i if isinstance(i, str) else " ".join(i) for i in items])

@@ -103,6 +103,15 @@ class BentoServer:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample on `/metrics` (0 where it has not been counted yet)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return next((sample.value for family in text_string_to_metric_families(text)
+                     for sample in family.samples
+                     if sample.name == name and sample.labels == labels), 0.0)
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)

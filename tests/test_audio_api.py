@@ -214,8 +214,6 @@ def test_what_is_refused_names_the_item(audio_server, image_host, item, status, 
 def test_an_ogg_labelled_application_is_taken_and_refusals_are_counted(audio_server, image_host):
     """Ogg is often labelled application/ogg: taken as audio. A refused clip counts in
     embedding_worker_audio_fetch_failures_total."""
-    import re
-
     data, _ = image_host.images["/a.ogg"]
     raw = base64.b64encode(data).decode()
     payload = post(audio_server, "/v1/embeddings", {"model": "clap", "modality": "audio",
@@ -224,15 +222,11 @@ def test_an_ogg_labelled_application_is_taken_and_refusals_are_counted(audio_ser
     a, b = vectors(payload)
     np.testing.assert_array_equal(a, b)
 
-    def failures() -> float:
-        found = re.search(r'embedding_worker_audio_fetch_failures_total\{model="clap"\} ([0-9.]+)',
-                          httpx.get(f"{audio_server.url}/metrics").text)
-        return float(found[1]) if found else 0.0
-
-    before = failures()
+    failures = "embedding_worker_audio_fetch_failures_total"
+    before = audio_server.metric(failures, model="clap")
     post(audio_server, "/v1/embeddings", {"model": "clap", "modality": "audio",
                                           "input": [image_host.url("/red.png")]}, 400)
-    assert failures() == before + 1
+    assert audio_server.metric(failures, model="clap") == before + 1
 
 
 def test_too_many_clips_is_a_413(audio_server, image_host):
@@ -326,13 +320,28 @@ async def test_clips_of_concurrent_requests_share_batches(clap_dir, clap):
     await core.start()
     try:
         model = core.models.get("clap")
+        batcher = core.embeddings.clips(model)
         before = model.heartbeat.batches
-        answers = await asyncio.gather(*(core.embeddings.create({
+        # the model held busy until every clip has reached the batcher, so that how fast the clips
+        # decode cannot decide the batches: the first runs alone (an idle model is called at
+        # once), a batch of 4 queues behind it, 3 wait
+        model._lock.acquire()
+        requests = asyncio.gather(*(core.embeddings.create({
             "model": "clap", "modality": "audio",
             "input": [base64.b64encode(data).decode()]}) for data in files))
+        try:
+            for _ in range(600):
+                if batcher.in_flight == 2 and len(batcher._waiting) == 3:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail(f"clips not queued: {batcher.in_flight} calls, {len(batcher._waiting)} waiting")
+        finally:
+            model._lock.release()
+        answers = await requests
         batches = model.heartbeat.batches - before
     finally:
         await core.stop()
-    assert batches < len(files)  # the first alone (an idle model is called at once), then 4s
+    assert batches == 3  # 1, 4, 3 clips: shared by the requests
     got = np.array([answer["data"][0]["embedding"] for answer in answers])
     np.testing.assert_allclose(got, transformers_audio(clap, files), atol=2e-5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
 import subprocess
 import sys
 import time
@@ -196,18 +195,13 @@ def test_openai_client_image_modality_with_private_opt_in(clip_server, image_hos
     got = np.array([d.embedding for d in result.data])
     assert got.shape == (2, 16)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
-
-    def failures() -> float:  # README: a refused image counts in this metric
-        found = re.search(r'embedding_worker_image_fetch_failures_total\{model="tiny-clip"\} ([0-9.]+)',
-                          httpx.get(f"{clip_server.url}/metrics").text)
-        return float(found[1]) if found else 0.0
-
-    before = failures()
+    failures = "embedding_worker_image_fetch_failures_total"  # README: a refused image counts
+    before = clip_server.metric(failures, model="tiny-clip")
     with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model="tiny-clip", input=[urls[0], image_host.url("/missing", host="127.0.0.1")],
                                  extra_body={"modality": "image"})
     assert "input[1]: HTTP 404 from 127.0.0.1" in str(info.value)
-    assert failures() == before + 1
+    assert clip_server.metric(failures, model="tiny-clip") == before + 1
     with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model="tiny-clip", input="x", extra_body={"modality": "audio"})
     assert ("model 'tiny-clip' does not support audio embeddings; it supports: text embeddings, "
